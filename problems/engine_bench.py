@@ -1,0 +1,183 @@
+"""`bilevel bench implicit`: hyper-gradients of per-feature L2 weights in logistic regression.
+
+n = 2000 samples, d = 300 features, theta = log of one L2 weight per feature, inner problem
+solved by K steps of gradient descent, outer loss = validation logistic loss. Side by side:
+this engine's implicit backward, this engine's unrolled backward, torchopt's custom_root.
+Each (method, K) runs in a fresh process (see problems.memory) for a clean memory reading.
+"""
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import bilevel
+
+from .memory import peak_extra_mb
+from .registry import register
+from .report import emit, table
+
+METHODS = ("implicit", "unrolled", "torchopt")
+
+
+@dataclass
+class LogReg:
+    X: torch.Tensor
+    y: torch.Tensor
+    Xv: torch.Tensor
+    yv: torch.Tensor
+    theta: torch.Tensor  # log L2 weight per feature
+    lr: float
+
+    def grad_inner(self, w, theta):
+        """F(w, theta): gradient of the inner objective, [d]."""
+        return self.X.T @ (torch.sigmoid(self.X @ w) - self.y) / len(self.y) + theta.exp() * w
+
+    def step(self, w, theta):
+        return w - self.lr * self.grad_inner(w, theta)
+
+    def outer(self, w):
+        return torch.nn.functional.binary_cross_entropy_with_logits(self.Xv @ w, self.yv)
+
+
+def make_problem(n=2000, d=300, n_val=1000, seed=0, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n + n_val, d, generator=g, dtype=dtype)
+    w_true = torch.randn(d, generator=g, dtype=dtype) / d ** 0.5 * 3
+    y = (torch.rand(n + n_val, generator=g, dtype=dtype) < torch.sigmoid(X @ w_true)).to(dtype)
+    theta = torch.linspace(-4.6, -2.3, d, dtype=dtype)  # L2 weights from 0.01 to 0.1
+    # step 1/L with L >= the largest Hessian eigenvalue: 1/4 X^T X / n + max weight
+    L = 0.25 * torch.linalg.eigvalsh(X[:n].T @ X[:n] / n)[-1] + theta.exp().max()
+    to = dict(device=device)
+    return LogReg(X[:n].to(**to), y[:n].to(**to), X[n:].to(**to), y[n:].to(**to), theta.to(**to), float(1 / L))
+
+
+def reference_hypergradient(p):
+    """Newton to machine precision, then the implicit-function gradient by a dense solve."""
+    w = torch.zeros_like(p.theta)
+    lam = p.theta.exp()
+    for _ in range(50):
+        s = torch.sigmoid(p.X @ w)
+        H = p.X.T @ (p.X * (s * (1 - s))[:, None]) / len(p.y) + torch.diag(lam)
+        w = w - torch.linalg.solve(H, p.grad_inner(w, p.theta))
+        if float(p.grad_inner(w, p.theta).abs().max()) < 1e-14:
+            break
+    wr = w.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(p.outer(wr), wr)
+    return -(lam * w) * torch.linalg.solve(H, gw)
+
+
+def hypergradient(p, method, K):
+    """Forward (K inner steps) + backward; returns d outer / d theta."""
+    theta = p.theta.clone().requires_grad_()
+    w0 = torch.zeros_like(theta)
+    if method == "torchopt":
+        import torchopt
+
+        @torchopt.diff.implicit.custom_root(p.grad_inner, argnums=1,
+                                            solve=torchopt.linear_solve.solve_cg(rtol=1e-10, maxiter=1000))
+        def solver(w, theta):
+            with torch.no_grad():
+                for _ in range(K):
+                    w = p.step(w, theta)
+            return w
+        w = solver(w0, theta)
+    else:
+        w = bilevel.iterate(p.step, w0, theta, K, backward=method, optimality=p.grad_inner,
+                            solve="cg", tol=1e-10, maxiter=1000)
+    (g,) = torch.autograd.grad(p.outer(w), theta)
+    return g
+
+
+def run_one(method, K, repeats=3, device="cpu"):
+    """One row, measured in this process after a one-step warm-up run (lazy imports and
+    initialisation, without filling malloc's free lists): peak memory of one run, then the
+    median time of `repeats` runs."""
+    torch.manual_seed(0)
+    p = make_problem(device=device)
+    ref = reference_hypergradient(p)
+    hypergradient(p, method, 1)
+    g, mem = peak_extra_mb(lambda: hypergradient(p, method, K), device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        hypergradient(p, method, K)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    rel = float((g - ref).norm() / ref.norm())
+    return {"method": method, "K": K, "time_s": statistics.median(times), "mem_mb": mem, "rel_err": rel}
+
+
+def run(Ks=(100, 1000, 3000), methods=METHODS, repeats=3, device="cpu"):
+    rows = []
+    for K in Ks:
+        for m in methods:
+            cmd = [sys.executable, "-W", "ignore", "-m", "problems.engine_bench", m, str(K), str(repeats), device]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def summary(rows):
+    """Ratios the issue asks for: speed-up of implicit over unrolled and over torchopt, per K."""
+    by = {(r["method"], r["K"]): r for r in rows}
+    out = []
+    for K in sorted({r["K"] for r in rows}):
+        imp = by.get(("implicit", K))
+        if imp is None:
+            continue
+        for peer in ("unrolled", "torchopt"):
+            if (peer, K) in by:
+                out.append({"K": K, "vs": peer, "speedup": by[(peer, K)]["time_s"] / imp["time_s"],
+                            "mem_ratio": by[(peer, K)]["mem_mb"] / max(imp["mem_mb"], 1e-3)})
+    return out
+
+
+def _bench(args):
+    rows = run(Ks=args.K, repeats=args.repeats, device=args.device)
+    table(summary(rows))
+    emit({"rows": rows}, args.json, rows=rows, columns=["method", "K", "time_s", "mem_mb", "rel_err"])
+
+
+def add_bench(sub):
+    p = sub.add_parser("implicit", help="implicit vs unrolled vs torchopt on logistic-regression hyper-gradients")
+    p.add_argument("--K", type=int, nargs="+", default=[100, 1000, 3000], help="inner gradient steps")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
+
+
+if __name__ == "__main__":  # worker: one row in a fresh process
+    method, K, repeats, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    print(json.dumps(run_one(method, K, repeats, device)))
+
+
+def reproduce(quick, outdir):
+    """Registered experiment 'engine': the benchmark's headline ratios (no published numbers)."""
+    Ks = (100, 1000) if quick else (100, 1000, 3000)
+    rows = run(Ks=Ks, repeats=3)
+    (outdir / "bench_implicit.json").write_text(json.dumps({"rows": rows}, indent=2))
+    by = {(r["method"], r["K"]): r for r in rows}
+    out = []
+    for K in Ks:
+        imp = by[("implicit", K)]
+        setting = f"logreg n=2000 d=300 K={K}"
+        out += [
+            {"experiment": "engine", "setting": setting, "metric": "rel_err implicit", "ours": imp["rel_err"],
+             "published": None},
+            {"experiment": "engine", "setting": setting, "metric": "speedup vs unrolled",
+             "ours": by[("unrolled", K)]["time_s"] / imp["time_s"], "published": None},
+            {"experiment": "engine", "setting": setting, "metric": "speedup vs torchopt",
+             "ours": by[("torchopt", K)]["time_s"] / imp["time_s"], "published": None},
+            {"experiment": "engine", "setting": setting, "metric": "mem MB implicit / unrolled",
+             "ours": f"{imp['mem_mb']:.2f} / {by[('unrolled', K)]['mem_mb']:.2f}", "published": None},
+        ]
+    return out
+
+
+register("engine", reproduce)
