@@ -44,3 +44,11 @@ def test_results_dirs_never_collide(tmp_path, monkeypatch):
 def test_unknown_experiment_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown experiment"):
         cli.main(["reproduce", "no-such-thing"])
+
+
+def test_readme_example_runs():
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["lam"].grad is not None and bool(ns["lam"].grad.abs().sum() > 0)
