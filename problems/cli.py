@@ -10,6 +10,7 @@ from .report import emit, results_dir, save_json
 
 COMMAND_MODULES = [
     "problems.engine_bench",
+    "problems.motion_cli",
 ]
 
 
