@@ -1,0 +1,126 @@
+"""Alignment score, the batched c-transform and its gradients, short learning runs (problems/ot_metric.py,
+solvers/c_transform.py)."""
+import pytest
+import torch
+
+import bilevel
+from problems.ot_data import consecutive_pairs, make_dataset
+from problems.ot_metric import (GRIDS, alignment, cheap_direction, fit_lagrangian, fit_scarvelis, gradient_gap,
+                                grid, true_direction, true_metric)
+from solvers.c_transform import c_transform, lbfgs, optimality
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny tensors: threads only add overhead
+    yield
+    torch.set_num_threads(n)
+
+
+ROT = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+def test_alignment_true_one_rotated_zero(name):
+    G = true_metric(name)
+    assert alignment(name, G) == pytest.approx(1.0, abs=1e-12)
+    assert alignment(name, lambda x: ROT @ G(x) @ ROT.T) < 1e-6
+
+
+def test_grid_and_directions():
+    x = grid("mass_splitting")
+    assert x.shape == (10000, 2) and float(x[:, 0].min()) == -2.5 and float(x[:, 1].max()) == 15.0
+    v = true_direction("circle", torch.tensor([[2.0, 0.0]], dtype=torch.float64))
+    assert torch.allclose(v, torch.tensor([[0.0, 1.0]], dtype=torch.float64))
+    A = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(cheap_direction(A).abs(), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="no ground-truth"):
+        true_direction("spiral", x)
+
+
+# ----------------------------------------------------------------------------- c-transform
+def _quadratic_problem(B=40, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    L = 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    params = {"Q": (L + L.T) / 2, "b": torch.randn(d, generator=g, dtype=torch.float64)}
+
+    def f(x, z, p):  # c(x, y) - g(y), c = 1/2 |x - y|^2, g(y) = 1/2 y^T Q y + b^T y
+        return 0.5 * ((x - z) ** 2).sum(-1) - (0.5 * torch.einsum("bi,ij,bj->b", z, p["Q"], z) + z @ p["b"])
+
+    return f, x, params
+
+
+def _closed_form(x, p):
+    """y* = (I - Q)^{-1} (x + b), g^c(x) = 1/2 |x - y*|^2 - g(y*)."""
+    M = torch.eye(x.shape[1], dtype=x.dtype) - p["Q"]
+    y = torch.linalg.solve(M, (x + p["b"]).T).T
+    g = 0.5 * torch.einsum("bi,ij,bj->b", y, p["Q"], y) + y @ p["b"]
+    return y, 0.5 * ((x - y) ** 2).sum(-1) - g
+
+
+@pytest.mark.parametrize("backward", ["envelope", "implicit"])
+def test_c_transform_matches_closed_form(backward):
+    f, x, p = _quadratic_problem()
+    res = c_transform(f, x, x.clone(), p, tol=1e-10, backward=backward)
+    y, val = _closed_form(x, p)
+    assert bool(res.converged.all()) and res.iterations < 30
+    assert torch.allclose(res.z, y, atol=1e-9) and torch.allclose(res.value, val, atol=1e-12)
+    assert float(optimality(f)(res.z.detach(), (x, p)).detach().abs().max()) < 1e-9
+
+
+def test_c_transform_gradients_envelope_and_implicit_match_closed_form():
+    f, x, p = _quadratic_problem(B=5)
+    truth = torch.autograd.grad(_closed_form(x.requires_grad_(), p)[1].sum(), x)[0]
+    for backward in ("envelope", "implicit"):
+        xx = x.detach().requires_grad_()
+        res = c_transform(f, xx, xx.detach().clone(), p, tol=1e-11, backward=backward)
+        assert torch.allclose(torch.autograd.grad(res.value.sum(), xx)[0], truth, atol=1e-8)
+
+
+def test_c_transform_implicit_gradcheck_float64():
+    f, x, p = _quadratic_problem(B=4, d=2, seed=1)
+
+    def minimiser(x, Q, b):
+        res = c_transform(f, x, x.detach().clone(), {"Q": (Q + Q.T) / 2, "b": b}, tol=1e-12, backward="implicit")
+        return res.z, res.value
+
+    inputs = tuple(t.detach().clone().requires_grad_() for t in (x, p["Q"], p["b"]))
+    assert torch.autograd.gradcheck(minimiser, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    check = bilevel.check_gradient(lambda th: minimiser(*th)[0].pow(2).sum(), inputs)
+    assert bool(check), check
+
+
+def test_lbfgs_reports_nonconvergence_and_bad_input():
+    f, x, p = _quadratic_problem()
+    res = c_transform(f, x, x.clone(), p, max_iter=2, tol=1e-12)
+    assert not bool(res.converged.all()) and float(res.residual.max()) > 1e-12
+    with pytest.raises(ValueError, match="z0 must be"):
+        c_transform(f, x, x[:3], p)
+    with pytest.raises(ValueError, match="backward"):
+        c_transform(f, x, x, p, backward="unrolled")
+    z, v, g, conv, it = lbfgs(lambda z: ((z ** 4).sum(-1), 4 * z ** 3), torch.ones(3, 2, dtype=torch.float64),
+                              max_iter=200, tol=1e-6)
+    assert bool(conv.all()) and float(z.abs().max()) < 0.02
+
+
+# ----------------------------------------------------------------------------- short learning runs
+def test_scarvelis_short_run_raises_alignment():
+    snaps = make_dataset("circle", 0, n_samples=40)[:, :13]   # half the circle, 40 samples
+    torch.manual_seed(0)
+    start = alignment("circle", fit_scarvelis(snaps, rounds=1, phi_epochs=0, r_epochs=0).metric, n=30)
+    res = fit_scarvelis(snaps, rounds=1, phi_epochs=100, r_epochs=800, n_mix=1)
+    assert alignment("circle", res.metric, n=30) > start + 0.15
+
+
+def test_lagrangian_short_run_raises_alignment_and_gradients_agree():
+    snaps = make_dataset("x_paths", 0, n_samples=24)[:, :5]
+    res0 = fit_lagrangian(snaps, steps=0)
+    start = alignment("x_paths", res0.metric, n=30)
+    res = fit_lagrangian(snaps, steps=40, batch=12, n_nodes=4, inner_iter=20, lr_metric=1e-2)
+    end = alignment("x_paths", res.metric, n=30)
+    assert end > start + 0.1, (start, end)
+    src, dst = consecutive_pairs(snaps)
+    gap, residual = gradient_gap(res.extra["model"], src[:, :6], dst)
+    assert residual < 1e-6 and gap < 1e-4
