@@ -11,6 +11,7 @@ from .report import emit, results_dir, save_json
 COMMAND_MODULES = [
     "problems.engine_bench",
     "problems.motion_cli",
+    "problems.graph_embedding_cli",
 ]
 
 

@@ -1,0 +1,219 @@
+"""Graph embedding: loading, distances, distortion metrics, constant-curvature and Deep models, CLI."""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bilevel
+from problems import cli, graphs
+from problems.distortion import distortion, mean_average_precision
+from problems.embeddings import ConstantCurvature, DeepEmbedding, fit, parse_manifold, ratio_loss
+from problems.graph_embedding_cli import embed
+from problems.graphs import all_pairs, from_edges, load_edgelist, load_graph, sample_pairs, shortest_paths
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "graphs"
+
+
+# ---- distortion metrics against hand-computed cases
+def test_distortion_hand_computed():
+    # ratios d/d_G = 1, 2, 1.5: D_wc = 2 / 1, D_avg = (0 + 1 + 0.5) / 3
+    out = distortion([1.0, 2.0, 3.0], [1.0, 1.0, 2.0])
+    assert out["d_wc"] == pytest.approx(2.0) and out["d_avg"] == pytest.approx(0.5)
+    # a uniform scaling is no distortion in D_wc but is in D_avg
+    out = distortion([3.0, 6.0], [1.0, 2.0])
+    assert out["d_wc"] == pytest.approx(1.0) and out["d_avg"] == pytest.approx(2.0)
+    assert distortion([0.0, 1.0], [1.0, 1.0])["d_wc"] == np.inf
+
+
+def test_distortion_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        distortion([np.nan, 1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        distortion([1.0, 1.0], [0.0, 1.0])
+    with pytest.raises(ValueError, match="shape"):
+        distortion([1.0], [1.0, 2.0])
+
+
+def _path_adjacency(n):
+    a = np.zeros((n, n))
+    a[np.arange(n - 1), np.arange(1, n)] = a[np.arange(1, n), np.arange(n - 1)] = 1
+    return a
+
+
+def test_map_hand_computed():
+    adj = _path_adjacency(4)  # path 0-1-2-3
+    x = np.array([0.0, 1.0, 2.0, 3.0])
+    assert mean_average_precision(abs(x[:, None] - x[None]), adj) == pytest.approx(1.0)
+    # nodes 2 and 3 swapped on the line: AP = 1, (1/2 + 2/3)/2, 1, 1/2 -> mAP = 37/48
+    x = np.array([0.0, 1.0, 3.0, 2.0])
+    assert mean_average_precision(abs(x[:, None] - x[None]), adj) == pytest.approx(37 / 48)
+
+
+# ---- loading
+def test_builtin_graphs_have_documented_sizes():
+    sizes = {"tree6": (7, 6), "tree40": (40, 39), "sphere100": (96, 211), "cycle10": (10, 10),
+             "cube1": (64, 144), "cube2": (98, 192)}
+    for name, (n, e) in sizes.items():
+        g = load_graph(name)
+        assert (g.n, len(g.edges)) == (n, e), name
+        assert np.isfinite(shortest_paths(g)).all(), name
+    assert load_graph("cube1").substitute and load_graph("cube2").substitute
+    assert not load_graph("tree40").substitute
+
+
+def test_self_loops_and_duplicates_dropped_and_labels_compacted():
+    g = from_edges([(10, 20), (20, 10), (20, 20), (20, 30), (10, 20)], "g")
+    assert g.n == 3 and g.edges.tolist() == [[0, 1], [1, 2]]
+
+
+def test_disconnected_graph_is_a_clear_error_unless_largest_component(tmp_path):
+    path = tmp_path / "two.edges.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("0 1 {}\n1 2 {}\n5 6 {}\n# a comment\n")
+    with pytest.raises(ValueError, match="disconnected: 2 components of sizes \\[3, 2\\]"):
+        load_edgelist(path)
+    g = load_graph(str(path), largest_component=True)
+    assert g.n == 3 and len(g.edges) == 2 and "largest component" in g.note
+
+
+def test_loading_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown graph 'nope'.*tree40"):
+        load_graph("nope")
+    with pytest.raises(FileNotFoundError, match="no edge-list file"):
+        load_edgelist(tmp_path / "missing.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2 {bad\n")
+    with pytest.raises(ValueError, match="not a networkx edge list"):
+        load_edgelist(bad)
+    bad.write_text("0\n")
+    with pytest.raises(ValueError, match="0 node.*no `u v` lines"):
+        load_edgelist(bad)
+    monkeypatch.setattr(graphs, "graph_data_dirs", lambda: [tmp_path])
+    with pytest.raises(FileNotFoundError, match="bio-yeast.edges.gz.*dalab/matrix-manifolds.*BILEVEL_GRAPH_DATA"):
+        load_graph("protein")
+
+
+def test_real_graph_read_from_env_folder(tmp_path, monkeypatch):
+    with gzip.open(tmp_path / "fb-messages.edges.gz", "wt") as f:
+        f.write("1 2 {}\n2 3 {}\n")
+    monkeypatch.setenv("BILEVEL_GRAPH_DATA", str(tmp_path))
+    g = load_graph("social")
+    assert g.n == 3 and g.substitute and "Social" in g.note
+
+
+def test_sampled_pairs_match_all_pairs_distances():
+    g = load_graph("cube2")
+    full = shortest_paths(g)
+    p, d = sample_pairs(g, 500, np.random.default_rng(0), n_sources=7)
+    assert p.shape == (500, 2) and (p[:, 0] != p[:, 1]).all()
+    np.testing.assert_array_equal(d, full[p[:, 0], p[:, 1]])
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="reference data ../shared/data absent")
+def test_builtins_match_reference_files():
+    for name in ("tree6", "tree40", "cycle10"):
+        ref = load_edgelist(DATA / f"{name}.edges.gz")
+        mine = load_graph(name)
+        assert ref.n == mine.n and (ref.edges == mine.edges).all(), name
+    ref = load_edgelist(DATA / "regular_sphere100.edges.gz")
+    mine = load_graph("sphere100")
+    assert (ref.n, len(ref.edges)) == (mine.n, len(mine.edges))
+    assert shortest_paths(ref).max() == shortest_paths(mine).max()  # same diameter, 9
+    prot = load_graph("protein")
+    assert (prot.n, len(prot.edges)) == (1458, 1948) and prot.substitute
+
+
+# ---- models
+def test_parse_manifold():
+    assert parse_manifold("poincare", 5) == [("poincare", 5)]
+    assert parse_manifold("product:P5xS5") == [("poincare", 5), ("sphere", 5)]
+    assert parse_manifold("product:H2,E1", 3) == [("lorentz", 2), ("euclidean", 1)]
+    with pytest.raises(ValueError, match="bad product factor"):
+        parse_manifold("product:Q3")
+    with pytest.raises(ValueError, match="total dimension 4"):
+        parse_manifold("product:P2xS2", 5)
+    with pytest.raises(ValueError, match="unknown manifold"):
+        parse_manifold("torus", 2)
+
+
+def test_path_graph_embeds_in_R1_without_distortion():
+    g = from_edges([(0, 1), (1, 2), (2, 3)], "path4")
+    res, _ = embed(g, "euclidean", 1, steps=100)
+    assert res["d_wc"] == pytest.approx(1.0, abs=1e-3) and res["map"] == pytest.approx(1.0)
+
+
+def test_cycle_embeds_on_a_circle_and_hyperbolic_fits_a_tree():
+    res, _ = embed(load_graph("cycle10"), "sphere", 2, steps=400)
+    assert res["d_wc"] < 1.01  # 10 points evenly on a great circle are exact
+    res_h, _ = embed(load_graph("tree6"), "lorentz", 2, steps=600)
+    res_e, _ = embed(load_graph("tree6"), "euclidean", 2, steps=600)
+    assert res_h["d_wc"] < res_e["d_wc"] and res_h["d_wc"] < 1.63  # the talk's Tree6 dim-2 row
+
+
+@pytest.mark.parametrize("spec", ["poincare", "lorentz", "sphere", "product:P2xS2xE1"])
+def test_constant_curvature_distance_gradients(spec):
+    g = load_graph("tree6")
+    pairs, _ = all_pairs(g)
+    m = ConstantCurvature(g.n, parse_manifold(spec, None if ":" in spec else 2), shortest_paths(g), seed=1)
+    theta = {"points": [p.detach() for p in m.points], "scales": [s.detach() for s in m.log_scales]}
+    res = bilevel.check_gradient(lambda th: _dist(m, th, pairs).pow(2).sum(), theta, n_directions=12)
+    assert res, res.max_rel_err
+
+
+def _dist(m, theta, pairs):
+    """Distances of m with its points / log-scales replaced by theta's (a functional call)."""
+    params = {f"points.{k}": p for k, p in enumerate(theta["points"])}
+    params.update({f"log_scales.{k}": s for k, s in enumerate(theta["scales"])})
+    return torch.func.functional_call(m, params, (torch.as_tensor(pairs),))
+
+
+def test_fit_lowers_the_ratio_loss_on_sampled_batches():
+    g = load_graph("tree40")
+    pairs, dg = all_pairs(g)
+    m = ConstantCurvature(g.n, [("poincare", 2)], None, seed=0)
+    before = ratio_loss(m(torch.as_tensor(pairs)), torch.as_tensor(dg)).item()
+    fit(m, pairs, dg, steps=200, lr=0.05, batch=128)
+    after = ratio_loss(m(torch.as_tensor(pairs)), torch.as_tensor(dg)).item()
+    assert after < 0.5 * before
+
+
+# ---- Deep (learned metric through the log map)
+def test_deep_distance_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    m = DeepEmbedding(3, 2, init=torch.tensor([[0.0, 0.0], [1.0, 0.2], [-0.3, 0.8]]), hidden=8,
+                      steps=4, tol=1e-11)
+    with torch.no_grad():
+        m.metric.out.weight.normal_(0, 0.2)
+    pairs = torch.tensor([[0, 1], [0, 2], [1, 2]])
+    x0 = m.x.detach().clone()
+
+    def outer(x):
+        return torch.func.functional_call(m, {"x": x}, (pairs,)).pow(2).sum()
+
+    res = bilevel.check_gradient(outer, x0, eps=1e-6, rtol=1e-4, n_directions=4)
+    assert res, res.max_rel_err
+
+
+def test_short_deep_run_on_tree6_lowers_its_loss():
+    g = load_graph("tree6")
+    res, model = embed(g, "deep", 2, steps=300, deep_steps=6, log_steps=4, eval_log_steps=4,
+                       deep_lr=(0.01, 0.01))
+    assert res["nonconverged_pairs"] == 0
+    # Deep starts at the Euclidean fit (A = I): compare its loss there and after the joint steps
+    e, _ = embed(g, "euclidean", 2, steps=300)
+    assert res["loss_end"] < e["loss_end"]
+
+
+# ---- CLI
+def test_embed_cli_json_contract(capsys):
+    cli.main(["embed", "--graph", "cycle10", "--dim", "2", "--manifold", "sphere", "--steps", "200", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("graph", "nodes", "dim", "manifold", "d_wc", "d_avg", "map", "seconds",
+                "nonconverged_pairs", "substitute"):
+        assert key in out
+    assert out["graph"] == "cycle10" and out["nodes"] == 10 and out["substitute"] is False
+    cli.main(["embed", "--graph", "cycle10", "--manifold", "product:S1xE1", "--steps", "50", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dim"] == 2
