@@ -54,7 +54,9 @@ class ObstacleMetric(nn.Module):
 
     def __init__(self, metric, embed, centers, radii, strength=1e3, margin=0.25, width=0.1):
         super().__init__()
-        centers = torch.as_tensor(centers, dtype=torch.get_default_dtype()).reshape(-1, torch.as_tensor(centers).shape[-1])
+        centers = torch.as_tensor(centers)
+        centers = centers if centers.is_floating_point() else centers.to(torch.get_default_dtype())
+        centers = centers.reshape(-1, centers.shape[-1])
         radii = torch.as_tensor(radii, dtype=centers.dtype).reshape(-1)
         if len(radii) != len(centers) or not (radii > 0).all() or not torch.isfinite(centers).all():
             raise ValueError(f"obstacles: need finite centers [n, D] and positive radii [n], got {tuple(centers.shape)}, {radii.tolist()}")
