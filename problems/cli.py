@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "problems.engine_bench",
     "problems.motion_cli",
     "problems.graph_embedding_cli",
+    "problems.ot_cli",
 ]
 
 

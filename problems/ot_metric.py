@@ -172,13 +172,14 @@ def _lipschitz_penalty(grad, R):
 
 
 def fit_scarvelis(snaps, *, seed=0, rounds=3, phi_epochs=300, r_epochs=1500, lr=1e-2, phi_weight_decay=5e-2,
-                  gp_phi=(1e-2, 1e-3), gp_r=1.0, fro=1e3, n_mix=4, callback=None, log_every=100):
+                  gp_phi=(1e-2, 1e-3), gp_r=1.0, fro=1e3, n_mix=4, reinit=True, callback=None, log_every=100):
     """Learn R(x) from snapshots [K, T, N, d] by alternating potential and metric steps.
 
     Each round: (1) potentials phi_p (one per consecutive pair) maximise E_mu[phi] - E_nu[phi] minus
     gp * Lipschitz penalty under the current R (the identity in the first round); (2) with the
     potentials fixed, R minimises fro * mean 1/|R|_F^2 + gp_r * penalty at points on the segments
-    between the two snapshots. gp_phi = (first round, later rounds). callback(step, metric) -> dict
+    between the two snapshots. gp_phi = (first round, later rounds); reinit: start each metric step
+    after the first from a fresh R (the published procedure). callback(step, metric) -> dict
     of extra figures to log."""
     torch.manual_seed(seed)
     t0 = time.time()
@@ -204,6 +205,9 @@ def fit_scarvelis(snaps, *, seed=0, rounds=3, phi_epochs=300, r_epochs=1500, lr=
             loss.backward()
             opt_phi.step()
             bar.update()
+        if rnd > 0 and reinit:   # as published: each metric step starts from a fresh R
+            R = Cometric(snaps).double()
+            opt_r = torch.optim.AdamW(R.net.parameters(), lr=lr, weight_decay=0.0)
         s = torch.rand(n_mix, P, N, 1, dtype=src.dtype)   # fixed points and potential gradients
         p = (s * src + (1 - s) * dst).reshape(P, n_mix * N, d).requires_grad_()
         gphi = torch.autograd.grad(_potential(phi, norm, p).sum(), p)[0].detach()
@@ -298,7 +302,8 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=3
     Each step draws `batch` source samples per consecutive pair, solves their c-transforms jointly
     with the geodesic paths (n_nodes nodes) by batched L-BFGS warm-started from T(x) and the
     previous path, then takes one ascent step on the potentials, one descent step on the metric
-    (gradients by `backward`: 'envelope' or 'implicit') and one regression step of T onto y*.
+    (gradients by `backward`: 'envelope' or 'implicit'; cosine-decayed learning rate) and one
+    regression step of T onto y*.
     callback(step, metric) -> dict of extra figures to log."""
     torch.manual_seed(seed)
     t0 = time.time()
@@ -309,6 +314,7 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=3
     opt_m = torch.optim.Adam(model.metric.net.parameters(), lr=lr_metric)
     opt_g = torch.optim.Adam(model.potential.parameters(), lr=lr_g)
     opt_t = torch.optim.Adam(model.tmap.parameters(), lr=lr_map)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_m, max(steps, 1), eta_min=0.05 * lr_metric)
     cache = torch.full((P, N, d * (n_nodes - 1)), float("nan"), dtype=src.dtype)
     hist, unconverged = [], 0
     batch = min(batch, N)
@@ -334,6 +340,7 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=3
             p.grad.neg_()
         opt_m.step()
         opt_g.step()
+        sched.step()
         zs = res.z.detach().reshape(P, batch, -1)
         cache.scatter_(1, idx[..., None].expand(-1, -1, cache.shape[-1]), zs)
         loss_t = ((model.amortised(x) - zs[..., :d]) ** 2).sum(-1).mean() / model.metric.norm.scale ** 2
