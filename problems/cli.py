@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "problems.motion_cli",
     "problems.graph_embedding_cli",
     "problems.ot_cli",
+    "problems.taskmet.cli",
 ]
 
 

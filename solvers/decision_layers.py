@@ -59,11 +59,14 @@ def soft_topk(scores, k, eps=0.1):
     plan's "in" column. With two anchors the Sinkhorn fixed point is closed form up to one dual
     variable: z_i = sigmoid((s_i - tau)/eps) with sum_i z_i = k. tau is found by bisection and
     differentiated by the engine through that condition (batched 1x1 systems).
+    eps: a float or a per-instance tensor [B, 1] (treated as a constant).
     """
     _check("scores", scores, 2)
     n = scores.shape[-1]
     if not 0 < k < n:
         raise DecisionError(f"soft_topk needs 0 < k < n, got k={k}, n={n}")
+    if torch.is_tensor(eps):
+        eps = eps.detach()
     with torch.no_grad():
         tau = _topk_threshold(scores.detach(), k, eps)
 
@@ -80,17 +83,21 @@ def project_capped_simplex(v, k, cap=1.0):
     """Euclidean projection of v [B, n] onto {0 <= z <= cap, sum z = k}, differentiable in v.
 
     The shift tau solves h(tau) = sum_i clamp(v_i - tau, 0, cap) = k; h is piecewise linear with
-    breakpoints v_i and v_i - cap, so tau is found exactly (no grad) by evaluating h there. Then,
-    on the found active set, tau = (sum_free v - (k - cap * n_upper)) / n_free in closed form,
-    which autograd differentiates.
+    breakpoints v_i - cap and v_i and slope -(number of free coordinates), so one sort and a
+    cumulative sum give h at every breakpoint and tau exactly (no grad). Then, on the found
+    active set, tau = (sum_free v - (k - cap * n_upper)) / n_free in closed form, which autograd
+    differentiates.
     """
     n = v.shape[-1]
     if not 0 < k <= n * cap:
         raise DecisionError(f"capped simplex {{0 <= z <= {cap}, sum z = {k}}} in R^{n} is empty")
     with torch.no_grad():
         vd = v.detach()
-        bp = torch.cat([vd, vd - cap], -1).sort(-1).values  # [B, 2n]
-        h = (vd.unsqueeze(-2) - bp.unsqueeze(-1)).clamp(0, cap).sum(-1)  # [B, 2n], nonincreasing
+        bp, order = torch.cat([vd - cap, vd], -1).sort(-1)  # [B, 2n]
+        kind = torch.cat([torch.ones_like(vd), -torch.ones_like(vd)], -1).gather(-1, order)
+        n_free = kind.cumsum(-1)[..., :-1]  # free coordinates between consecutive breakpoints
+        drop = (bp.diff(dim=-1) * n_free).cumsum(-1)
+        h = n * cap - torch.cat([torch.zeros_like(drop[..., :1]), drop], -1)  # h at the breakpoints
         j = ((h >= k).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 2)
         b0, b1 = bp.gather(-1, j), bp.gather(-1, j + 1)
         h0, h1 = h.gather(-1, j), h.gather(-1, j + 1)
