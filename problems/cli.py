@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "problems.graph_embedding_cli",
     "problems.ot_cli",
     "problems.taskmet.cli",
+    "problems.geometry_bench",
 ]
 
 
