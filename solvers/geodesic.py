@@ -101,7 +101,8 @@ def _shoot(metric, x, y, v, tol, max_iter, ode, jac_steps):
 
     The residual uses the full-accuracy integrator. The Jacobian starts from the variational
     equations on a coarse RK4 grid (jac_steps steps), is kept current by Broyden's rank-1 secant
-    update after every trial step, and is recomputed for a pair whose step was rejected; a per-pair
+    update after every trial step, and is recomputed on the full-accuracy integrator for a pair whose
+    step was rejected (so a short enough step then always descends); a per-pair
     step length halves on rejection and doubles (up to 1) on success.
     Returns v [B, d], converged [B], residual [B], iterations, and the Jacobian estimate [B, d, d]."""
     B = x.shape[0]
@@ -113,8 +114,9 @@ def _shoot(metric, x, y, v, tol, max_iter, ode, jac_steps):
         rn = r.abs().amax(-1)
         return r, torch.where(torch.isfinite(rn), rn, torch.full_like(rn, float("inf")))
 
-    def jacobian(i, vv):
-        return torch.nan_to_num(exp_map_jacobian(metric, x[i], vv, steps=jac_steps, method="rk4")[1])
+    def jacobian(i, vv, exact=False):
+        opts = ode if exact else dict(steps=jac_steps, method="rk4")
+        return torch.nan_to_num(exp_map_jacobian(metric, x[i], vv, **opts)[1])
 
     r, rn = residual(idx, v)
     J = jacobian(idx, v)
@@ -141,8 +143,8 @@ def _shoot(metric, x, y, v, tol, max_iter, ode, jac_steps):
         v = torch.where(ok[:, None], vc, v)
         r = torch.where(ok[:, None], rc, r)
         rn = torch.where(ok, rnc, rn)
-        if not bool(ok.all()):
-            J[~ok] = jacobian(idx[~ok], v[~ok])
+        if not bool(ok.all()):  # rejected: the Jacobian of the full-accuracy map (a true Newton step)
+            J[~ok] = jacobian(idx[~ok], v[~ok], exact=True)
         alpha = torch.where(ok, (2 * alpha).clamp(max=1), alpha / 2)
     res[idx], v_out[idx], J_out[idx] = rn, v, J
     return v_out, res <= tol, res, it, J_out
@@ -183,7 +185,7 @@ def log_map(metric, x, y, *, init=None, tol=None, max_iter=50, steps=32, method=
     """Initial velocity v [B, d] of the geodesic from x [B, d] to y [B, d]: exp_x(v) = y.
 
     init: a warm start [B, d] (e.g. the previous training step's v); None starts from the discrete
-    path-energy geodesic. Newton with a per-pair backtracking step on max |exp_x(v) - y| <= tol;
+    path-energy geodesic (pairs that fail get a second start from a finer one). Newton with a per-pair backtracking step on max |exp_x(v) - y| <= tol;
     steps/method/rtol/atol set the exp-map integrator, jac_steps the RK4 grid of its Jacobian.
     solve: the backward linear solve, 'shooting' (iterative refinement preconditioned by the
     shooting Jacobian: a few VJPs through exp) or any bilevel solver name such as 'dense'.
@@ -204,6 +206,14 @@ def log_map(metric, x, y, *, init=None, tol=None, max_iter=50, steps=32, method=
             v0 = init.detach()
         v0 = torch.where((xd == yd).all(-1, keepdim=True), torch.zeros_like(v0), v0)  # exact 0 at x = y
         v, conv, res, its, J = _shoot(metric, xd, yd, v0, tol, max_iter, ode, jac_steps)
+        if not bool(conv.all()):  # second chance for the failures: a finer, longer path-energy start
+            bad = (~conv).nonzero()[:, 0]
+            vb = initial_velocity(metric, xd[bad], yd[bad], n_nodes=33, max_iter=500)
+            out = _shoot(metric, xd[bad], yd[bad], vb, tol, max_iter, ode, jac_steps)
+            better = out[2] < res[bad]
+            for buf, new in zip((v, conv, res, J), (out[0], out[1], out[2], out[4])):
+                buf[bad[better]] = new[better]
+            its += out[3]
     if not bool(conv.all()):
         n = int((~conv).sum())
         msg = (f"log map: {n} of {len(conv)} pairs did not converge (worst residual max|exp_x(v) - y| = "
