@@ -42,8 +42,10 @@ PUBLISHED = {
     "budget": [0.54, 0.91, 0.81, 0.84, 0.58, 0.83],
     "portfolio": [0.33, 0.25, 0.34, 0.17, 0.30, 0.33],
 }
-# reproduce --quick: one seed, Cubic with every method, Budget with MSE / DFL(10) / TaskMet.
-QUICK = {"cubic": CONFIGS, "budget": [("mse", None), ("dfl", 10.0), ("taskmet", None)]}
+# reproduce --quick: one seed and short schedules; Cubic and Budget with every method, Portfolio
+# with MSE / DFL(10) / TaskMet.
+QUICK = {"cubic": CONFIGS, "budget": CONFIGS,
+         "portfolio": [("mse", None), ("dfl", 10.0), ("taskmet", None)]}
 FULL_SEEDS = (0, 1, 2)
 
 

@@ -75,10 +75,12 @@ class _Best:
 # ----------------------------------------------------------------------------- LODL surrogates
 @torch.no_grad()
 def fit_lodl(task, *, n_samples=256, rank=20, steps=500, noise=0.5, lr=0.05, seed=0):
-    """Per-instance quadratic surrogates q_i(yhat) = c_i |L_i^T (yhat - y_i) / s|^2 (L_i [n, r],
-    n = m*o, r = min(rank, n)) fitted by least squares to the regrets of n_samples Gaussian
-    perturbations yhat = y + s N(0, I), s = noise * std(y), batched over instances.
-    Returns (L [I, n, r], c [I], s)."""
+    """Per-instance quadratic surrogates of the regret, q_i(yhat) = c_i d^T (diag(w_i) + L_i L_i^T) d,
+    d = (yhat - y_i) / s (n = m*o coordinates, L_i [n, r], r = min(rank, n)), fitted by least
+    squares to the regrets of n_samples Gaussian perturbations yhat = y + s N(0, I),
+    s = noise * std(y), batched over instances. The diagonal part is identifiable from a few
+    hundred samples where the rank-r part alone (n*r numbers) is not.
+    Returns (w [I, n], L [I, n, r], c [I], s)."""
     y, aux = task.Y["train"], task.aux["train"]
     I, shape = y.shape[0], y.shape[1:]
     n = shape.numel()
@@ -94,22 +96,23 @@ def fit_lodl(task, *, n_samples=256, rank=20, steps=500, noise=0.5, lr=0.05, see
     c = regret.mean(1).clamp_min(1e-12)
     target = regret / c[:, None]
     r = min(rank, n)
-    L = (torch.randn(I, n, r, generator=g, dtype=y.dtype) / math.sqrt(n * r)).requires_grad_()
-    opt = torch.optim.Adam([L], lr=lr)
+    log_w = torch.full((I, n), -math.log(n), dtype=y.dtype).requires_grad_()
+    L = (1e-2 * torch.randn(I, n, r, generator=g, dtype=y.dtype) / math.sqrt(n * r)).requires_grad_()
+    opt = torch.optim.Adam([log_w, L], lr=lr)
     for _ in range(steps):
         with torch.enable_grad():
-            pred = ((d @ L) ** 2).sum(-1)
-            loss = ((pred - target) ** 2).mean()
+            pred = (d * d) @ log_w.exp().unsqueeze(-1) + ((d @ L) ** 2).sum(-1, keepdim=True)
+            loss = ((pred[..., 0] - target) ** 2).mean()
             opt.zero_grad()
             loss.backward()
         opt.step()
-    return L.detach(), c, s
+    return log_w.detach().exp(), L.detach(), c, s
 
 
-def lodl_loss(yhat, y, L, c, s):
+def lodl_loss(yhat, y, w, L, c, s):
     """Mean over instances of the fitted surrogates at yhat [I, m, o]."""
-    dlt = (yhat - y).reshape(y.shape[0], 1, -1) / s
-    return (c * ((dlt @ L) ** 2).sum((-1, -2))).mean()
+    dlt = (yhat - y).reshape(y.shape[0], -1) / s
+    return (c * ((w * dlt * dlt).sum(-1) + ((dlt.unsqueeze(-2) @ L) ** 2).sum((-1, -2)))).mean()
 
 
 # ----------------------------------------------------------------------------- MSE / DFL / LODL
@@ -122,7 +125,7 @@ def train_direct(task, method, alpha, seed, *, epochs, batch, lodl=None):
     opt = torch.optim.Adam(params.values(), lr=task.lr)
     g = torch.Generator().manual_seed(seed)
     if method == "lodl":
-        L, c, s = lodl
+        w, L, c, s = lodl
     best, step = _Best(), 0
     score = val_neg_mse if method == "mse" else val_objective
     for _ in progress(range(epochs), desc=f"{task.name} {method}", leave=False):
@@ -135,7 +138,7 @@ def train_direct(task, method, alpha, seed, *, epochs, batch, lodl=None):
             elif method == "dfl":
                 loss = _decision_loss(task, yhat, y, aux) + alpha * mse
             elif method == "lodl":
-                loss = lodl_loss(yhat, y, L[idx], c[idx], s) + alpha * mse
+                loss = lodl_loss(yhat, y, w[idx], L[idx], c[idx], s) + alpha * mse
             else:
                 raise ValueError(f"unknown method {method!r}")
             opt.zero_grad()
