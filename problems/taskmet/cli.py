@@ -58,7 +58,7 @@ def _one(args):
     alpha = args.alpha if args.method in ("dfl", "lodl") else None
     if args.method in ("dfl", "lodl") and alpha is None:
         alpha = 0.0
-    task = PROBLEMS[args.problem](args.seed)
+    task = PROBLEMS[args.problem](args.seed, **({"qp": args.qp} if args.problem == "portfolio" else {}))
     out, *_ = run(task, args.method, alpha, args.seed, SETTINGS[args.problem]["quick" if args.quick else "full"])
     out["quick"] = args.quick
     save_json(out, results_dir(f"taskmet-{args.problem}-{args.method}") / "result.json")
@@ -72,6 +72,8 @@ def add_commands(sub):
     p.add_argument("--alpha", type=float, default=None, help="MSE weight for dfl/lodl (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="short schedule")
+    p.add_argument("--qp", choices=["torch", "cvxpylayers"], default="torch",
+                   help="portfolio training layer: batched torch solver or cvxpylayers")
     p.add_argument("--threads", type=int, default=1, help="torch threads (small ops: 1 is fastest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_one)
