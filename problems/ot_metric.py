@@ -295,7 +295,7 @@ def gradient_gap(model, src, dst, *, max_iter=100, tol=1e-8):
     return float((grads[0] - grads[1]).norm() / grads[0].norm().clamp_min(1e-300)), float(res.residual.max())
 
 
-def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=3e-3, lr_g=1e-2, lr_map=1e-2,
+def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1e-2, lr_g=3e-2, lr_map=1e-2,
                    inner_iter=30, inner_tol=1e-5, backward="envelope", callback=None, log_every=50):
     """Learn A(x) = I - 0.9 u u^T from snapshots [K, T, N, d] by the Lagrangian-cost semi-dual.
 
