@@ -67,13 +67,15 @@ def cubic(seed, n_train=400, n_test=400, n_items=50, val_frac=0.5, eps=0.01):
 
 # ----------------------------------------------------------------------------- Budget
 def budget(seed, n_train=100, n_test=500, n_channels=5, n_users=10, n_fake=10, val_frac=0.2,
-           budget=2.0, reg=1.0):
+           budget=2.0, reg=3.0):
     """Budget allocation (Wilder et al. 2019) on SYNTHETIC click probabilities.
 
     The published Yahoo data cannot be had offline. Y_ij = sigmoid(c_i + e_ij - 1.5), channel
     effect c_i ~ N(0, 1), e_ij ~ N(0, 1), in (0, 1). Features as published: the per-channel
     standardised labels with n_fake Gaussian noise columns, through one fixed random linear map
-    to n_users features.
+    to n_users features. reg: the training layer's smoothing (budget_allocation); 3 exceeds the
+    objective's typical curvature along the budget constraint, so training decisions move with
+    the predictions instead of sitting at vertices (reg 1 left DFL(0) with zero gradients).
     """
     g = torch.Generator().manual_seed(seed)
     n = n_train + n_test
