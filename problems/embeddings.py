@@ -129,28 +129,34 @@ def ratio_loss(d, d_graph):
 def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc="embed", optimizer=None,
         lr_end=0.01):
     """Train model on the ratio loss: full batch, or `batch` random pairs a step. Cosine schedule from lr
-    down to lr * lr_end. Returns the per-step losses (list of floats)."""
+    down to lr * lr_end. Full batch: the model ends at its lowest-loss iterate. Returns the per-step
+    losses (list of floats)."""
     pairs = torch.as_tensor(pairs, dtype=torch.long)
     d_graph = torch.as_tensor(d_graph, dtype=torch.float64)
     opt = optimizer or geoopt.optim.RiemannianAdam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: lr_end + (1 - lr_end) * 0.5 * (1 + math.cos(math.pi * min(t / steps, 1.0))))
     g = torch.Generator().manual_seed(seed)
-    losses = []
+    losses, best = [], (math.inf, None)
+    full = batch is None or batch >= len(pairs)
     bar = progress(range(steps), desc=desc, leave=False)
     for _ in bar:
-        idx = None if batch is None or batch >= len(pairs) else torch.randint(len(pairs), (batch,), generator=g)
+        idx = None if full else torch.randint(len(pairs), (batch,), generator=g)
         p, dg = (pairs, d_graph) if idx is None else (pairs[idx], d_graph[idx])
         opt.zero_grad()
         loss = ratio_loss(model(p, idx), dg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} (learning rate {lr} too large?)")
+        if full and loss.item() < best[0]:
+            best = (loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()})
         loss.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    if best[1] is not None:
+        model.load_state_dict(best[1])
     return losses
 
 

@@ -217,3 +217,15 @@ def test_embed_cli_json_contract(capsys):
     assert out["graph"] == "cycle10" and out["nodes"] == 10 and out["substitute"] is False
     cli.main(["embed", "--graph", "cycle10", "--manifold", "product:S1xE1", "--steps", "50", "--json"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dim"] == 2
+
+
+def test_picture_example_draws_a_deep_embedding(tmp_path):
+    import runpy
+    ns = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "graph_embedding_picture.py"))
+    g = load_graph("tree6")
+    torch.manual_seed(0)
+    m = DeepEmbedding(g.n, 2, init=torch.randn(g.n, 2, dtype=torch.float64), hidden=8)
+    with torch.no_grad():
+        m.metric.out.weight.normal_(0, 0.1)
+    out = ns["draw"](m, g, tmp_path / "p.png", n_t=3, grid=4, steps=2)
+    assert out.stat().st_size > 10_000
