@@ -185,14 +185,15 @@ def log_map(metric, x, y, *, init=None, tol=None, max_iter=50, steps=32, method=
     """Initial velocity v [B, d] of the geodesic from x [B, d] to y [B, d]: exp_x(v) = y.
 
     init: a warm start [B, d] (e.g. the previous training step's v); None starts from the discrete
-    path-energy geodesic (pairs that fail get a second start from a finer one). Newton with a per-pair backtracking step on max |exp_x(v) - y| <= tol;
+    path-energy geodesic. Pairs that fail get a second start from a finer path-energy geodesic.
+    Quasi-Newton shooting with a per-pair backtracking step until max |exp_x(v) - y| <= tol;
     steps/method/rtol/atol set the exp-map integrator, jac_steps the RK4 grid of its Jacobian.
     solve: the backward linear solve, 'shooting' (iterative refinement preconditioned by the
     shooting Jacobian: a few VJPs through exp) or any bilevel solver name such as 'dense'.
     Pairs that do not converge are reported by a bilevel.ConvergenceWarning with their count and
     worst residual (bilevel.ImplicitDiffError when strict) and flagged in info.converged.
     Differentiable in x, y and the metric's parameters by the implicit function theorem on
-    exp_x(v; theta) - y = 0 (one batched d x d solve per backward)."""
+    exp_x(v; theta) - y = 0 (one batched d x d system per backward)."""
     check_pairs(x, y)
     _check_metric_at(metric, x, y)
     tol = default_tol(x.dtype) if tol is None else tol

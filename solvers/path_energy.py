@@ -2,9 +2,10 @@
 
 A path is T + 1 nodes gamma_0 = x, ..., gamma_T = y at t_i = i / T; its energy is the midpoint rule
     E = 1/2 int gamma'^T A(gamma) gamma' dt ~ T/2 sum_i D_i^T A(m_i) D_i,  D_i = gamma_{i+1} - gamma_i,
-m_i = (gamma_i + gamma_{i+1}) / 2. The interior is found by preconditioned descent (the preconditioner
-is the energy's Hessian with the metric frozen at the segment midpoints, a block-tridiagonal solve
-per pair) with a per-pair backtracking step. The minimum energy is differentiable in the ends and the
+m_i = (gamma_i + gamma_{i+1}) / 2. The interior is found by inexact Newton: the step solves the exact
+Hessian system by a few preconditioned CG iterations (Hessian-vector products by double backward;
+preconditioner: the Hessian with the metric frozen at the segment midpoints, a block-tridiagonal solve
+per pair), with a per-pair backtracking step. The minimum energy is differentiable in the ends and the
 metric's parameters by the envelope theorem: it is re-evaluated on the detached optimal interior.
 """
 from dataclasses import dataclass
@@ -53,23 +54,31 @@ def _check_path(path):
         raise ValueError("path contains NaN or inf")
 
 
-def _block_tridiag_solve(A, g):
-    """Solve H s = g per pair, H the frozen-metric Hessian of the energy in the interior nodes.
+def _block_tridiag_factor(A):
+    """Block LDL^T (Thomas) factors of H, the frozen-metric Hessian of the energy in the interior nodes.
 
-    A [B, T, d, d] segment metrics (scaled by T), g [B, T-1, d] -> s [B, T-1, d]."""
-    n = g.shape[1]
-    C, gp = [], []
-    for j in range(n):  # block Thomas algorithm: a loop over nodes, batched over pairs
+    A [B, T, d, d] segment metrics (scaled by T); H has diagonal blocks A_j + A_{j+1} and off-diagonal
+    blocks -A_{j+1}. Returns (A, Cholesky factors of the pivots, C_j = -M_j^{-1} A_{j+1})."""
+    n = A.shape[1] - 1
+    Ls, C = [], []
+    for j in range(n):  # a loop over nodes, batched over pairs
         M = A[:, j] + A[:, j + 1]
-        rhs_g = g[:, j]
         if j > 0:
             M = M - A[:, j] @ C[-1]
-            rhs_g = rhs_g + (A[:, j] @ gp[-1][..., None])[..., 0]
-        Lc = torch.linalg.cholesky(M)
-        gp.append(torch.cholesky_solve(rhs_g[..., None], Lc)[..., 0])
-        C.append(-torch.cholesky_solve(A[:, j + 1], Lc) if j + 1 < n else None)
+        Ls.append(torch.linalg.cholesky(M))
+        C.append(-torch.cholesky_solve(A[:, j + 1], Ls[-1]) if j + 1 < n else None)
+    return A, Ls, C
+
+
+def _block_tridiag_solve(fac, g):
+    """Solve H s = g per pair with the factors of _block_tridiag_factor; g, s [B, T-1, d]."""
+    A, Ls, C = fac
+    gp = []
+    for j, L in enumerate(Ls):
+        rhs = g[:, j] if j == 0 else g[:, j] + (A[:, j] @ gp[-1][..., None])[..., 0]
+        gp.append(torch.cholesky_solve(rhs[..., None], L)[..., 0])
     s = [gp[-1]]
-    for j in range(n - 2, -1, -1):
+    for j in range(len(Ls) - 2, -1, -1):
         s.append(gp[j] - (C[j] @ s[-1][..., None])[..., 0])
     return torch.stack(s[::-1], 1)
 
@@ -116,6 +125,42 @@ def geodesic_path(metric, x, y, *, n_nodes=17, init=None, max_iter=200, tol=None
     return PathResult(path, energy, curve_length(metric, path), conv, res)
 
 
+def _dot(a, b):
+    return (a * b).sum((1, 2))
+
+
+def _newton_step(metric, x, y, Z, g, A, cg_iter=8):
+    """Inexact Newton direction: H s = g by preconditioned CG per pair, with exact Hessian-vector
+    products of the energy and the frozen-metric block-tridiagonal preconditioner; a pair whose
+    Hessian shows non-positive curvature keeps its iterate so far (the preconditioned gradient if none)."""
+    with torch.enable_grad():
+        Zr = Z.detach().requires_grad_()
+        path = torch.cat([x[:, None], Zr, y[:, None]], 1)
+        (gr,) = torch.autograd.grad(0.5 * (path.shape[1] - 1) * _segments(metric, path)[2].sum(), Zr,
+                                    create_graph=True)
+    fac = _block_tridiag_factor(A)
+    s, r = torch.zeros_like(g), g.clone()
+    z = _block_tridiag_solve(fac, r)
+    p, rz = z, _dot(r, z)
+    live = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
+    gn = g.flatten(1).norm(dim=1)
+    for _ in range(cg_iter):
+        Hp = torch.autograd.grad(gr, Zr, p, retain_graph=True)[0].detach()
+        pHp = _dot(p, Hp)
+        live = live & (pHp > 0) & torch.isfinite(pHp)
+        if not bool(live.any()):
+            break
+        a = torch.where(live, rz / torch.where(live, pHp, 1), torch.zeros_like(rz))[:, None, None]
+        s, r = s + a * p, r - a * Hp
+        live = live & (r.flatten(1).norm(dim=1) > 1e-4 * gn)
+        z = _block_tridiag_solve(fac, r)
+        rz_new = _dot(r, z)
+        p = z + (rz_new / torch.where(rz != 0, rz, 1))[:, None, None] * p
+        rz = rz_new
+    empty = (s == 0).flatten(1).all(1)
+    return torch.where(empty[:, None, None], _block_tridiag_solve(fac, g), s)
+
+
 def _minimise(metric, x, y, Z, max_iter, tol):
     """Preconditioned descent on the interior nodes Z [B, T-1, d]; only unconverged pairs are iterated."""
     B = x.shape[0]
@@ -124,7 +169,7 @@ def _minimise(metric, x, y, Z, max_iter, tol):
     idx = torch.arange(B, device=x.device)
     E, g, A = _energy_grad(metric, x, y, Z)
     check_spd(A, "metric along the path")
-    s = _block_tridiag_solve(A, g)
+    s = _newton_step(metric, x, y, Z, g, A)
     alpha = torch.ones(B, dtype=x.dtype, device=x.device)
     slack = 4 * torch.finfo(x.dtype).eps
     for _ in range(max_iter):
@@ -141,7 +186,7 @@ def _minimise(metric, x, y, Z, max_iter, tol):
         E = torch.where(ok, Ec, E)
         g = torch.where(ok[:, None, None], gc, g)
         A = torch.where(ok[:, None, None, None], torch.nan_to_num(Ac), A)
-        s = torch.where(ok[:, None, None], _block_tridiag_solve(A, g), s)
+        s = torch.where(ok[:, None, None], _newton_step(metric, x[idx], y[idx], Z, g, A), s)
         alpha = torch.where(ok, (2 * alpha).clamp(max=1), alpha / 2)
     Z_out[idx] = Z
     res[idx] = s.abs().amax((1, 2))

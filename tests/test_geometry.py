@@ -230,7 +230,7 @@ def test_non_converged_pairs_are_reported():
     gen = torch.Generator().manual_seed(10)
     x, y = ball_points(3, 2, 1.5, gen), ball_points(3, 2, 1.5, gen)
     with pytest.warns(bilevel.ConvergenceWarning, match="3 of 3 pairs did not converge"):
-        v, info = log_map(poincare, x, y, max_iter=1, init=torch.zeros_like(x), return_info=True)
-    assert not bool(info.converged.any()) and bool((info.residual > 1e-10).all())
+        v, info = log_map(poincare, x, y, tol=1e-30, max_iter=2, steps=FAST, return_info=True)
+    assert not bool(info.converged.any()) and bool((info.residual > 1e-30).all())
     with pytest.raises(bilevel.ImplicitDiffError, match="did not converge"):
-        log_map(poincare, x, y, max_iter=1, init=torch.zeros_like(x), strict=True)
+        log_map(poincare, x, y, tol=1e-30, max_iter=2, steps=FAST, strict=True)
