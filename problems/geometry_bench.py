@@ -95,8 +95,12 @@ def run(metric_name, dim, pairs, *, seed=0, steps=32, with_peer=True):
 
 
 def _bench(args):
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    out = run(args.metric, args.dim, args.pairs, seed=args.seed, steps=args.steps, with_peer=not args.no_peer)
+    try:
+        out = run(args.metric, args.dim, args.pairs, seed=args.seed, steps=args.steps, with_peer=not args.no_peer)
+    finally:
+        torch.set_num_threads(threads)
     emit(out, args.json)
 
 

@@ -234,3 +234,14 @@ def test_non_converged_pairs_are_reported():
     assert not bool(info.converged.any()) and bool((info.residual > 1e-30).all())
     with pytest.raises(bilevel.ImplicitDiffError, match="did not converge"):
         log_map(poincare, x, y, tol=1e-30, max_iter=2, steps=FAST, strict=True)
+
+
+def test_bench_cli_json(capsys):
+    import json
+
+    from problems.cli import main
+    main(["bench", "geodesic", "--metric", "poincare", "--dim", "2", "--pairs", "4", "--steps", "16", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"metric", "dim", "pairs", "max_rel_err", "median_rel_err", "converged_frac", "pairs_per_s",
+                        "peer_max_rel_err", "peer_pairs_per_s"}
+    assert out["converged_frac"] == 1.0 and out["max_rel_err"] < 1e-5 and out["peer_max_rel_err"] > 0
