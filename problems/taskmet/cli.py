@@ -59,7 +59,9 @@ def _one(args):
     if args.method in ("dfl", "lodl") and alpha is None:
         alpha = 0.0
     task = PROBLEMS[args.problem](args.seed, **({"qp": args.qp} if args.problem == "portfolio" else {}))
-    out, *_ = run(task, args.method, alpha, args.seed, SETTINGS[args.problem]["quick" if args.quick else "full"])
+    settings = SETTINGS[args.problem]["quick" if args.quick else "full"]
+    settings = {**settings, "taskmet": {**settings["taskmet"], "backward": args.backward}}
+    out, *_ = run(task, args.method, alpha, args.seed, settings)
     out["quick"] = args.quick
     save_json(out, results_dir(f"taskmet-{args.problem}-{args.method}") / "result.json")
     emit(out, args.json, rows=[out], columns=["problem", "method", "alpha", "seed", "dq", "mse", "seconds"])
@@ -74,6 +76,8 @@ def add_commands(sub):
     p.add_argument("--quick", action="store_true", help="short schedule")
     p.add_argument("--qp", choices=["torch", "cvxpylayers"], default="torch",
                    help="portfolio training layer: batched torch solver or cvxpylayers")
+    p.add_argument("--backward", choices=["implicit", "unrolled"], default="implicit",
+                   help="TaskMet: implicit gradient (CG on Hessian-vector products) or unrolled inner steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads (small ops: 1 is fastest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_one)
