@@ -89,7 +89,7 @@ def default_tol(dtype):
 def initial_velocity(metric, x, y, n_nodes=9, max_iter=20):
     """A shooting start from the discrete path-energy geodesic: the second-order one-sided
     difference of its first nodes (T (-3 g0 + 4 g1 - g2) / 2), or y - x with one segment."""
-    path = geodesic_path(metric, x, y, n_nodes=n_nodes, max_iter=max_iter, tol=1e-6).path.detach()
+    path = geodesic_path(metric, x, y, n_nodes=n_nodes, max_iter=max_iter, tol=1e-4).path.detach()
     T = path.shape[1] - 1
     if T < 2:
         return y - x
