@@ -46,8 +46,9 @@ def holdout_w1(model, snaps, k):
             "w1_heldout_no_motion": w1(src)}
 
 
-def run_one(dataset, method, seed=0, quick=False, holdout=None, outdir=None):
-    """Fit one method on one dataset -> dict of figures (the CLI's JSON object)."""
+def run_one(dataset, method, seed=0, quick=False, holdout=None, outdir=None, backward="envelope"):
+    """Fit one method on one dataset -> dict of figures (the CLI's JSON object). backward: how the
+    Lagrangian method differentiates through the c-transform ('envelope' or 'implicit')."""
     name, snaps = get_dataset(dataset, seed=seed)
     train = snaps
     if holdout is not None:
@@ -57,9 +58,12 @@ def run_one(dataset, method, seed=0, quick=False, holdout=None, outdir=None):
             raise SystemExit(f"--holdout must be a middle time in 1..{snaps.shape[1] - 2}, got {holdout}")
         train = torch.cat([snaps[:, :holdout], snaps[:, holdout + 1:]], 1)
     opts = dict(SETTINGS[method]["quick" if quick else "full"])
+    if method == "lagrangian":
+        opts["backward"] = backward
     t0 = time.time()
     res = METHODS[method](train, seed=seed, **opts)
     out = {"dataset": name, "method": method, "seed": seed, "setting": "quick" if quick else "full",
+           **({"backward": backward} if method == "lagrangian" else {}),
            "alignment": alignment(name, res.metric) if name in GRIDS else None,
            "seconds": time.time() - t0}
     if method == "lagrangian":
@@ -82,7 +86,7 @@ def run_one(dataset, method, seed=0, quick=False, holdout=None, outdir=None):
 def _cmd(args):
     torch.set_num_threads(args.threads)
     outdir = results_dir("ot-metric")
-    out = run_one(args.dataset, args.method, args.seed, args.quick, args.holdout, outdir)
+    out = run_one(args.dataset, args.method, args.seed, args.quick, args.holdout, outdir, args.backward)
     save_json(out, outdir / "result.json")
     emit(out, args.json)
 
@@ -96,6 +100,8 @@ def add_commands(sub):
     p.add_argument("--quick", action="store_true", help="the short setting (seconds, lower alignment)")
     p.add_argument("--holdout", type=int, default=None,
                    help="hold out this middle time and report W1 of the predicted snapshot (lagrangian)")
+    p.add_argument("--backward", choices=["envelope", "implicit"], default="envelope",
+                   help="lagrangian: gradients through the c-transform by the envelope theorem or implicitly")
     p.add_argument("--threads", type=int, default=1, help="torch threads (small tensors: 1 is fastest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd)

@@ -171,6 +171,12 @@ def _lipschitz_penalty(grad, R):
     return F.softplus(-1 + 0.5 * torch.einsum("...i,...ij,...j->...", grad, R, grad))
 
 
+def segment_points(src, dst, n_mix=1):
+    """n_mix random points on each segment src[p, i] -> dst[p, i]: [P, N, d] x2 -> [P, n_mix * N, d]."""
+    s = torch.rand(n_mix, *src.shape[:2], 1, dtype=src.dtype)
+    return (s * src + (1 - s) * dst).transpose(0, 1).flatten(1, 2)
+
+
 def fit_scarvelis(snaps, *, seed=0, rounds=3, phi_epochs=300, r_epochs=1500, lr=1e-2, phi_weight_decay=5e-2,
                   gp_phi=(1e-2, 1e-3), gp_r=1.0, fro=1e3, n_mix=4, reinit=True, callback=None, log_every=100):
     """Learn R(x) from snapshots [K, T, N, d] by alternating potential and metric steps.
@@ -208,8 +214,7 @@ def fit_scarvelis(snaps, *, seed=0, rounds=3, phi_epochs=300, r_epochs=1500, lr=
         if rnd > 0 and reinit:   # as published: each metric step starts from a fresh R
             R = Cometric(snaps).double()
             opt_r = torch.optim.AdamW(R.net.parameters(), lr=lr, weight_decay=0.0)
-        s = torch.rand(n_mix, P, N, 1, dtype=src.dtype)   # fixed points and potential gradients
-        p = (s * src + (1 - s) * dst).reshape(P, n_mix * N, d).requires_grad_()
+        p = segment_points(src, dst, n_mix).requires_grad_()   # fixed points and potential gradients
         gphi = torch.autograd.grad(_potential(phi, norm, p).sum(), p)[0].detach()
         p = p.detach()
         for _ in range(r_epochs):

@@ -6,7 +6,7 @@ import torch
 import bilevel
 from problems.ot_data import consecutive_pairs, make_dataset
 from problems.ot_metric import (GRIDS, alignment, cheap_direction, fit_lagrangian, fit_scarvelis, gradient_gap,
-                                grid, true_direction, true_metric)
+                                grid, segment_points, true_direction, true_metric)
 from solvers.c_transform import c_transform, lbfgs, optimality
 
 
@@ -106,6 +106,15 @@ def test_lbfgs_reports_nonconvergence_and_bad_input():
 
 
 # ----------------------------------------------------------------------------- short learning runs
+def test_segment_points_stay_in_their_pair():
+    P, N = 5, 7
+    src = torch.arange(P, dtype=torch.float64)[:, None, None].expand(P, N, 2)
+    dst = src + 0.5
+    p = segment_points(src, dst, n_mix=3)
+    assert p.shape == (P, 3 * N, 2)
+    assert bool(((p - src[:, :1]) >= 0).all() and ((p - src[:, :1]) <= 0.5).all())
+
+
 def test_scarvelis_short_run_raises_alignment():
     snaps = make_dataset("circle", 0, n_samples=40)[:, :13]   # half the circle, 40 samples
     torch.manual_seed(0)
