@@ -59,7 +59,8 @@ class MotionVAE(nn.Module):
         zeta (the paper's constant) or, with a finite floor_radius R, zeta exp(-|z - floor_center|^2 / 2R^2),
         which keeps sigma growing far from the data instead of saturating (no flat, free far region)."""
         rbf = torch.exp(-self.lam * ((z[..., None, :] - self.centers) ** 2).sum(-1))
-        floor = self.zeta * torch.exp(-0.5 * ((z - self.floor_center) ** 2).sum(-1, keepdim=True) / self.floor_radius ** 2)
+        sq = ((z - self.floor_center) ** 2).sum(-1, keepdim=True)
+        floor = self.zeta * torch.exp(-0.5 * sq / self.floor_radius ** 2)
         return rbf @ self.log_w.exp() + floor
 
     def decoder_std(self, z):

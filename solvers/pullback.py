@@ -59,7 +59,8 @@ class ObstacleMetric(nn.Module):
         centers = centers.reshape(-1, centers.shape[-1])
         radii = torch.as_tensor(radii, dtype=centers.dtype).reshape(-1)
         if len(radii) != len(centers) or not (radii > 0).all() or not torch.isfinite(centers).all():
-            raise ValueError(f"obstacles: need finite centers [n, D] and positive radii [n], got {tuple(centers.shape)}, {radii.tolist()}")
+            raise ValueError(f"obstacles: need finite centers [n, D] and positive radii [n], "
+                             f"got {tuple(centers.shape)}, {radii.tolist()}")
         self.metric, self.embed = metric, embed
         self.register_buffer("centers", centers)
         self.register_buffer("radii", radii)
