@@ -8,7 +8,8 @@ def distortion(d, d_graph):
     Returns {"d_wc": max(d/d_G) * max(d_G/d) >= 1 (inf if some d == 0), "d_avg": mean |d - d_G| / d_G}."""
     d, dg = np.asarray(d, dtype=np.float64), np.asarray(d_graph, dtype=np.float64)
     if d.shape != dg.shape or d.ndim != 1 or d.size == 0:
-        raise ValueError(f"d and d_graph must be non-empty [P] arrays of one shape, got {d.shape}, {dg.shape}")
+        raise ValueError(f"d and d_graph must be non-empty [P] arrays of one shape, "
+                         f"got {d.shape}, {dg.shape}")
     if not (np.isfinite(d).all() and np.isfinite(dg).all()):
         raise ValueError("distances contain NaN or inf (an unconverged solver or a disconnected graph?)")
     if (dg <= 0).any() or (d < 0).any():

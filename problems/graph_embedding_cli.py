@@ -65,7 +65,8 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
     factors = [("euclidean", dim)] if deep else parse_manifold(manifold, dim)
     d_full = None if big else shortest_paths(graph)
     model = ConstantCurvature(graph.n, factors, d_full, seed=seed)
-    losses = fit(model, pairs, dg, steps=steps, lr=lr, batch=batch, seed=seed, desc=f"{graph.name} {manifold}")
+    losses = fit(model, pairs, dg, steps=steps, lr=lr, batch=batch, seed=seed,
+                 desc=f"{graph.name} {manifold}")
     start_loss = losses[0]
     if deep:
         x0 = model.points[0].detach().clone()
@@ -185,8 +186,9 @@ def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None,
                              "ours": f"{mean:.3f} ± {std:.3f}",
                              "published": pub[2][col] if pub and col is not None else None,
                              "mean": mean, "std": std, "manifold": "deep",
-                             "nonconverged_pairs": sum(r["nonconverged_pairs"] for r in runs
-                                                       if (r["graph"], r["dim"], r["manifold"]) == (g, k, "deep"))})
+                             "nonconverged_pairs": sum(
+                                 r["nonconverged_pairs"] for r in runs
+                                 if (r["graph"], r["dim"], r["manifold"]) == (g, k, "deep"))})
     return rows
 
 

@@ -92,7 +92,8 @@ def test_loading_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="0 node.*no `u v` lines"):
         load_edgelist(bad)
     monkeypatch.setattr(graphs, "graph_data_dirs", lambda: [tmp_path])
-    with pytest.raises(FileNotFoundError, match="bio-yeast.edges.gz.*dalab/matrix-manifolds.*BILEVEL_GRAPH_DATA"):
+    with pytest.raises(FileNotFoundError,
+                       match="bio-yeast.edges.gz.*dalab/matrix-manifolds.*BILEVEL_GRAPH_DATA"):
         load_graph("protein")
 
 
@@ -209,7 +210,8 @@ def test_short_deep_run_on_tree6_lowers_its_loss():
 
 # ---- CLI
 def test_embed_cli_json_contract(capsys):
-    cli.main(["embed", "--graph", "cycle10", "--dim", "2", "--manifold", "sphere", "--steps", "200", "--json"])
+    cli.main(["embed", "--graph", "cycle10", "--dim", "2", "--manifold", "sphere", "--steps", "200",
+              "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("graph", "nodes", "dim", "manifold", "d_wc", "d_avg", "map", "seconds",
                 "nonconverged_pairs", "substitute"):
