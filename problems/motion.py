@@ -279,6 +279,17 @@ def run_motion(demos, obstacles=None, *, seed=0, quick=False, n_nodes=48, **fit_
     t0 = time.perf_counter()
     fit_opts.setdefault("steps", 1500 if quick else 2500)
     fit_opts.setdefault("precision_steps", 1000 if quick else 1500)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # tiny networks: extra intra-op threads only spin on shared cores
+    try:
+        return _run_motion(demos, obstacles, seed, quick, n_nodes, t0, fit_opts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_motion(demos, obstacles, seed, quick, n_nodes, t0, fit_opts):
+    import time
+
     vae = fit_vae(demos, seed=seed, **fit_opts).double()
     start, goal = (torch.as_tensor(demos[:, k].mean(0), dtype=torch.float64) for k in (0, -1))
     out = geodesic_motion(vae, start, goal, obstacles, n_nodes=n_nodes, max_iter=200 if quick else 400)
