@@ -64,7 +64,7 @@ def _block_tridiag_factor(A):
     for j in range(n):  # a loop over nodes, batched over pairs
         M = A[:, j] + A[:, j + 1]
         if j > 0:
-            M = M - A[:, j] @ C[-1]
+            M = M + A[:, j] @ C[-1]  # sub-diagonal block is -A_j
         Ls.append(torch.linalg.cholesky(M))
         C.append(-torch.cholesky_solve(A[:, j + 1], Ls[-1]) if j + 1 < n else None)
     return A, Ls, C

@@ -245,3 +245,23 @@ def test_bench_cli_json(capsys):
     assert set(out) == {"metric", "dim", "pairs", "max_rel_err", "median_rel_err", "converged_frac", "pairs_per_s",
                         "peer_max_rel_err", "peer_pairs_per_s"}
     assert out["converged_frac"] == 1.0 and out["max_rel_err"] < 1e-5 and out["peer_max_rel_err"] > 0
+
+
+def test_block_tridiagonal_preconditioner_solves_the_frozen_metric_hessian():
+    """H has diagonal blocks A_j + A_{j+1} and off-diagonal blocks -A_{j+1}; the factored solve is exact."""
+    from solvers.path_energy import _block_tridiag_factor, _block_tridiag_solve
+    g = torch.Generator().manual_seed(0)
+    B, T, d = 3, 6, 2
+    R = torch.randn(B, T, d, d, generator=g, dtype=torch.float64)
+    A = R @ R.transpose(-1, -2) + torch.eye(d, dtype=torch.float64)
+    n = T - 1
+    H = torch.zeros(B, n * d, n * d, dtype=torch.float64)
+    for j in range(n):
+        H[:, j * d:(j + 1) * d, j * d:(j + 1) * d] = A[:, j] + A[:, j + 1]
+        if j + 1 < n:
+            H[:, j * d:(j + 1) * d, (j + 1) * d:(j + 2) * d] = -A[:, j + 1]
+            H[:, (j + 1) * d:(j + 2) * d, j * d:(j + 1) * d] = -A[:, j + 1]
+    rhs = torch.randn(B, n, d, generator=g, dtype=torch.float64)
+    s = _block_tridiag_solve(_block_tridiag_factor(A), rhs)
+    torch.testing.assert_close(torch.einsum("bij,bj->bi", H, s.reshape(B, -1)), rhs.reshape(B, -1),
+                               rtol=1e-12, atol=1e-12)
