@@ -185,7 +185,10 @@ def test_custom_root_decorator_and_model_parameters_as_dict():
     @bilevel.custom_root(F, solve="cg")
     def fit(params, theta):
         for _ in range(3000):
-            params = {k: v - 0.2 * F(params, theta)[k] for k, v in params.items()}
+            g = F(params, theta)
+            params = {k: v - 0.3 * g[k] for k, v in params.items()}
+            if max(float(t.abs().max()) for t in g.values()) < 1e-12:
+                break
         return params
 
     init = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
