@@ -3,7 +3,8 @@
 n = 2000 samples, d = 300 features, theta = log of one L2 weight per feature, inner problem
 solved by K steps of gradient descent, outer loss = validation logistic loss. Side by side:
 this engine's implicit backward, this engine's unrolled backward, torchopt's custom_root.
-Each (method, K) runs in a fresh process (see problems.memory) for a clean memory reading.
+Times are medians with the methods interleaved in one process; the memory of each (method, K)
+is read in a fresh process (see problems.memory).
 """
 import json
 import statistics
@@ -93,35 +94,45 @@ def hypergradient(p, method, K):
     return g
 
 
-def run_one(method, K, repeats=3, device="cpu"):
-    """One row, measured in this process after a one-step warm-up run (lazy imports and
-    initialisation, without filling malloc's free lists): peak memory of one run, then the
-    median time of `repeats` runs."""
-    torch.manual_seed(0)
+def measure_memory(method, K, device="cpu"):
+    """Peak memory (MiB) of one forward + backward and its relative error, in this process, after a
+    one-step warm-up run (lazy imports and initialisation, without filling malloc's free lists)."""
     p = make_problem(device=device)
     ref = reference_hypergradient(p)
     with warnings.catch_warnings():  # one step is far from converged: expected
         warnings.simplefilter("ignore", bilevel.ConvergenceWarning)
         hypergradient(p, method, 1)
     g, mem = peak_extra_mb(lambda: hypergradient(p, method, K), device)
-    times = []
+    return {"mem_mb": mem, "rel_err": float((g - ref).norm() / ref.norm())}
+
+
+def measure_times(K, methods, repeats, device="cpu"):
+    """Median wall time of forward + backward per method, the methods interleaved round-robin so
+    that machine noise falls on all of them alike."""
+    p = make_problem(device=device)
+    times = {m: [] for m in methods}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        hypergradient(p, method, K)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    rel = float((g - ref).norm() / ref.norm())
-    return {"method": method, "K": K, "time_s": statistics.median(times), "mem_mb": mem, "rel_err": rel}
+        for m in methods:
+            t0 = time.perf_counter()
+            hypergradient(p, m, K)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times[m].append(time.perf_counter() - t0)
+    return {m: statistics.median(t) for m, t in times.items()}
 
 
 def run(Ks=(100, 1000, 3000), methods=METHODS, repeats=3, device="cpu"):
+    """Rows {method, K, time_s, mem_mb, rel_err}: memory and error from a fresh process per row,
+    times from this process."""
     rows = []
     for K in Ks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bilevel.ConvergenceWarning)
+            times = measure_times(K, methods, repeats, device)
         for m in methods:
-            cmd = [sys.executable, "-W", "ignore", "-m", "problems.engine_bench", m, str(K), str(repeats), device]
+            cmd = [sys.executable, "-W", "ignore", "-m", "problems.engine_bench", m, str(K), device]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append({"method": m, "K": K, "time_s": times[m], **json.loads(out.stdout.strip().splitlines()[-1])})
     return rows
 
 
@@ -155,9 +166,8 @@ def add_bench(sub):
     p.set_defaults(func=_bench)
 
 
-if __name__ == "__main__":  # worker: one row in a fresh process
-    method, K, repeats, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    print(json.dumps(run_one(method, K, repeats, device)))
+if __name__ == "__main__":  # worker: the memory of one row in a fresh process
+    print(json.dumps(measure_memory(sys.argv[1], int(sys.argv[2]), sys.argv[3])))
 
 
 def reproduce(quick, outdir):
