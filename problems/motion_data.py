@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import load_array
+
 
 def _s_shape(s):
     return np.stack([0.6 * np.sin(2 * np.pi * s), 1.0 - 2.0 * s], -1)
@@ -82,23 +84,7 @@ def check_demos(demos, where="demonstrations"):
 
 def load_demos(path):
     """Read a user's .npy, or .npz (key 'demos', else its only array), of shape [demo, time, dim]."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"demonstration file {path} does not exist")
-    if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if "demos" in keys:
-                arr = z["demos"]
-            elif len(keys) == 1:
-                arr = z[keys[0]]
-            else:
-                raise ValueError(f"{path}: .npz holds {keys}; name the array 'demos'")
-    else:
-        raise ValueError(f"{path}: expected a .npy or .npz file")
-    return check_demos(arr, where=str(path))
+    return check_demos(load_array(path, "demos", "demonstration file"), where=str(path))
 
 
 def get_demos(spec=DEFAULT_FAMILY, seed=0, **kw):

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .arrays import load_array
+
 DATASETS = ("circle", "mass_splitting", "x_paths")
 _TIMING = {"circle": 1.088, "mass_splitting": 0.328, "x_paths": 1.264}
 
@@ -110,23 +112,7 @@ def check_snapshots(data, where="snapshots"):
 
 def load_snapshots(path):
     """Load user snapshots from .npy (one array) or .npz (key 'snapshots', else its only array)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such snapshot file: {path}")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if "snapshots" in keys:
-                arr = z["snapshots"]
-            elif len(keys) == 1:
-                arr = z[keys[0]]
-            else:
-                raise ValueError(f"{path}: .npz holds {keys}; name the array 'snapshots'")
-    elif path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    else:
-        raise ValueError(f"{path}: snapshots must be a .npy or .npz file")
-    return check_snapshots(arr, where=str(path))
+    return check_snapshots(load_array(path, "snapshots", "snapshot file"), where=str(path))
 
 
 def get_dataset(spec, seed=0, n_samples=100):
