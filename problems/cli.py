@@ -4,6 +4,9 @@ add_commands(subparsers) for top-level commands and add_bench(bench_subparsers) 
 import argparse
 import importlib
 import sys
+import traceback
+
+import torch
 
 from . import registry
 from .report import emit, results_dir, save_json
@@ -24,16 +27,27 @@ def _reproduce(args):
     if unknown:
         sys.exit(f"unknown experiment {unknown[0]!r}; choose from {['all', *registry.EXPERIMENTS]}")
     outdir = results_dir("reproduce" + ("-quick" if args.quick else ""))
-    rows = []
+    rows, failed = [], []
+    threads = torch.get_num_threads()
     for name in names:
         sub = outdir / name
         sub.mkdir()
-        new = registry.EXPERIMENTS[name](args.quick, sub)
+        try:
+            new = registry.EXPERIMENTS[name](args.quick, sub)
+        except Exception as err:  # one failed experiment must not lose the others' results
+            traceback.print_exc()
+            failed.append(name)
+            new = [{"experiment": name, "setting": "FAILED", "metric": f"{type(err).__name__}: {err}",
+                    "ours": None, "published": None}]
+        finally:
+            torch.set_num_threads(threads)  # experiments may tune threads for themselves
         rows.extend(new)
         save_json(new, sub / "rows.json")  # written as each experiment ends: nothing is lost later
     print(f"results in {outdir}", file=sys.stderr)
     emit({"rows": rows}, args.json, rows=rows,
          columns=["experiment", "setting", "metric", "ours", "published"])
+    if failed:
+        sys.exit(f"experiments failed: {', '.join(failed)} (tracebacks above; other results in {outdir})")
 
 
 def build_parser():

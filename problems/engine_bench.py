@@ -110,6 +110,8 @@ def measure_times(K, methods, repeats, device="cpu"):
     """Median wall time of forward + backward per method, the methods interleaved round-robin so
     that machine noise falls on all of them alike."""
     p = make_problem(device=device)
+    for m in methods:  # warm-up: lazy imports and first-call initialisation are not timed
+        hypergradient(p, m, 1)
     times = {m: [] for m in methods}
     for _ in range(repeats):
         for m in methods:

@@ -32,14 +32,19 @@ def fmt(v):
     return "-" if v is None else str(v)
 
 
+def _cell(v, width=60):
+    s = fmt(v)
+    return s if len(s) <= width else s[:width - 3] + "..."
+
+
 def table(rows, columns=None, file=None):
-    """Print rows (list of dicts) as an aligned text table."""
+    """Print rows (list of dicts) as an aligned text table (cells cut at 60 characters; --json has them whole)."""
     file = file or sys.stdout
     if not rows:
         print("(no rows)", file=file)
         return
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
     print("  ".join("-" * w for w in widths), file=file)

@@ -52,3 +52,23 @@ def test_readme_example_runs():
     ns = {}
     exec(compile(code, "README.md", "exec"), ns)
     assert ns["lam"].grad is not None and bool(ns["lam"].grad.abs().sum() > 0)
+
+
+def test_a_failing_experiment_keeps_the_others_results(tmp_path, monkeypatch, capsys):
+    from problems import registry
+
+    def ok(quick, outdir):
+        return [{"experiment": "ok", "setting": "s", "metric": "m", "ours": 1.0, "published": 2.0}]
+
+    def broken(quick, outdir):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(registry, "EXPERIMENTS", {"broken": broken, "ok": ok})
+    monkeypatch.setenv("BILEVEL_RESULTS", str(tmp_path))
+    with pytest.raises(SystemExit, match="experiments failed: broken"):
+        cli.main(["reproduce", "--quick", "--json"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert rows[0]["setting"] == "FAILED" and "boom" in rows[0]["metric"]
+    assert rows[1]["ours"] == 1.0
+    saved = list(tmp_path.glob("reproduce-quick-*/ok/rows.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())[0]["ours"] == 1.0
