@@ -6,6 +6,7 @@ call (forward + backward) needed. Run each measured configuration in a fresh pro
 that memory freed by an earlier one does not hide this one's needs.
 CUDA: torch.cuda.max_memory_allocated over the call, after reset_peak_memory_stats.
 """
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,11 @@ def peak_extra_mb(fn, device="cpu"):
         out = fn()
         torch.cuda.synchronize()
         return out, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:  # not Linux, or /proc read-only: no honest reading is possible
+        warnings.warn("cannot reset the peak resident set (/proc/self/clear_refs); memory reported as NaN")
+        return fn(), float("nan")
     base = _status_kb("VmRSS")
     out = fn()
     return out, (_status_kb("VmHWM") - base) / 1024
