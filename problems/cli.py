@@ -51,7 +51,8 @@ def _reproduce(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="bilevel", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="bilevel", description="End-to-end learning of geometries by bilevel "
+                                "optimization and implicit differentiation.")
     sub = p.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks (ratios side by side in one run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
