@@ -110,7 +110,7 @@ def add_commands(sub):
 def reproduce(quick, outdir):
     """The talk's OT alignment table (DESIGN.md section 8) beside ours: mean +- std over 3 seeds in
     the full setting, one seed in the quick one."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # `bilevel reproduce` restores the thread count afterwards
     seeds = [0] if quick else [0, 1, 2]
     rows = []
     for method in METHODS:

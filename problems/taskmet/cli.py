@@ -85,22 +85,18 @@ def add_commands(sub):
 
 def reproduce(quick, outdir):
     """The talk's TaskMet table: our mean (std) DQ over seeds beside the published numbers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        plan = QUICK if quick else {p: CONFIGS for p in PROBLEMS}
-        seeds = (0,) if quick else FULL_SEEDS
-        jobs = [(p, m, a, s) for p, cfgs in plan.items() for s in seeds for m, a in cfgs]
-        results, tasks, cache = [], {}, {}
-        t0 = time.time()
-        for p, m, a, s in progress(jobs, desc="taskmet"):
-            if (p, s) not in tasks:
-                tasks[p, s] = PROBLEMS[p](s)
-            r, *_ = run(tasks[p, s], m, a, s, SETTINGS[p]["quick" if quick else "full"], cache)
-            results.append(r)
-            save_json(results, outdir / "runs.json")
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # `bilevel reproduce` restores the thread count afterwards
+    plan = QUICK if quick else {p: CONFIGS for p in PROBLEMS}
+    seeds = (0,) if quick else FULL_SEEDS
+    jobs = [(p, m, a, s) for p, cfgs in plan.items() for s in seeds for m, a in cfgs]
+    results, tasks, cache = [], {}, {}
+    t0 = time.time()
+    for p, m, a, s in progress(jobs, desc="taskmet"):
+        if (p, s) not in tasks:
+            tasks[p, s] = PROBLEMS[p](s)
+        r, *_ = run(tasks[p, s], m, a, s, SETTINGS[p]["quick" if quick else "full"], cache)
+        results.append(r)
+        save_json(results, outdir / "runs.json")
     rows = []
     for p, cfgs in plan.items():
         for (m, a) in cfgs:
