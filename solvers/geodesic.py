@@ -20,7 +20,11 @@ FIXED = ("rk4", "euler", "midpoint", "explicit_adams")
 
 
 def geodesic_acceleration(metric, x, v):
-    """Right-hand side x'' of the geodesic ODE at positions x [B, d] with velocities v [B, d] -> [B, d]."""
+    """Right-hand side x'' of the geodesic ODE at positions x [B, d] with velocities v [B, d] -> [B, d].
+    A metric with a `geodesic_rhs(x, v)` method (solvers.metric.NeuralMetric) supplies its own."""
+    fused = getattr(metric, "geodesic_rhs", None)
+    if fused is not None:
+        return fused(x, v)
     A, dA = torch.func.jvp(metric, (x,), (v,))
     _, vjp_fn = torch.func.vjp(metric, x)
     (grad_q,) = vjp_fn(v[..., :, None] * v[..., None, :])

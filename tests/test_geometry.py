@@ -4,8 +4,8 @@ import torch
 
 import bilevel
 from solvers.geodesic import distance, exp_map, exp_map_jacobian, geodesic_acceleration, interpolate, log_map
-from solvers.metric import (NeuralMetric, check_spd, euclidean, metric_params, poincare, poincare_distance, sphere,
-                            sphere_distance)
+from solvers.metric import (NeuralMetric, bind, check_spd, euclidean, metric_params, poincare, poincare_distance,
+                            sphere, sphere_distance)
 from solvers.path_energy import curve_energy, geodesic_path
 
 DT = torch.float64
@@ -75,6 +75,37 @@ def test_acceleration_matches_christoffel_form():
     inner = 2 * torch.einsum("bjli,bi,bj->bl", dA, v, v) - torch.einsum("bijl,bi,bj->bl", dA, v, v)
     ref = -0.5 * torch.einsum("bkl,bl->bk", Ainv, inner)
     assert torch.allclose(geodesic_acceleration(m, x, v), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("conformal", ["euclidean", "poincare", "sphere"])
+def test_fused_neural_rhs_equals_generic_and_gradchecks(conformal):
+    """NeuralMetric.geodesic_rhs (closed form) against the generic JVP/VJP right-hand side, its forward
+    tangent (used by the variational equations) likewise, bind keeps it, and float64 gradcheck."""
+    torch.manual_seed(3)
+    m = NeuralMetric(3, hidden=6, init_identity=False, conformal=conformal, scale=1.7).to(DT)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(0.6)
+    gen = torch.Generator().manual_seed(3)
+    x, v = 0.25 * torch.randn(5, 3, generator=gen, dtype=DT), torch.randn(5, 3, generator=gen, dtype=DT)
+    generic = lambda x_, v_: geodesic_acceleration(lambda z: m(z), x_, v_)  # noqa: E731 (no geodesic_rhs)
+    fused = lambda x_, v_: geodesic_acceleration(m, x_, v_)  # noqa: E731
+    tx, tv = torch.randn(5, 3, generator=gen, dtype=DT), torch.randn(5, 3, generator=gen, dtype=DT)
+    with torch.no_grad():
+        ref, a, a_bound = generic(x, v), fused(x, v), geodesic_acceleration(bind(m, metric_params(m)), x, v)
+        t_ref = torch.func.jvp(generic, (x, v), (tx, tv))[1]
+        t_fused = torch.func.jvp(fused, (x, v), (tx, tv))[1]
+    scale = float(ref.abs().max())
+    assert float((a - ref).abs().max()) <= 1e-12 * scale
+    assert float((a_bound - ref).abs().max()) <= 1e-12 * scale
+    assert float((t_fused - t_ref).abs().max()) <= 1e-12 * float(t_ref.abs().max())
+    params = metric_params(m)
+
+    def rhs(x_, v_, W1, Wo):
+        return m.geodesic_rhs(x_, v_, {**params, "body.0.weight": W1, "out.weight": Wo})
+    args = [t.detach().clone().requires_grad_() for t in (x[:2], v[:2], params["body.0.weight"],
+                                                           params["out.weight"])]
+    assert torch.autograd.gradcheck(rhs, args)
 
 
 def test_exp_map_methods_and_jacobian():
