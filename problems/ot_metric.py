@@ -301,14 +301,15 @@ def gradient_gap(model, src, dst, *, max_iter=100, tol=1e-8):
 
 
 def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1e-2, lr_g=3e-2, lr_map=1e-2,
-                   inner_iter=30, inner_tol=1e-5, backward="envelope", callback=None, log_every=50):
+                   inner_iter=30, inner_tol=1e-5, backward="envelope", warmup=0, callback=None, log_every=50):
     """Learn A(x) = I - 0.9 u u^T from snapshots [K, T, N, d] by the Lagrangian-cost semi-dual.
 
     Each step draws `batch` source samples per consecutive pair, solves their c-transforms jointly
     with the geodesic paths (n_nodes nodes) by batched L-BFGS warm-started from T(x) and the
     previous path, then takes one ascent step on the potentials, one descent step on the metric
-    (gradients by `backward`: 'envelope' or 'implicit'; cosine-decayed learning rate) and one
-    regression step of T onto y*.
+    (gradients by `backward`: 'envelope' or 'implicit'; cosine-decayed learning rate; none in the
+    first `warmup` steps, while the potentials are still far from optimal) and one regression step
+    of T onto y*.
     callback(step, metric) -> dict of extra figures to log."""
     torch.manual_seed(seed)
     t0 = time.time()
@@ -319,7 +320,7 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1
     opt_m = torch.optim.Adam(model.metric.net.parameters(), lr=lr_metric)
     opt_g = torch.optim.Adam(model.potential.parameters(), lr=lr_g)
     opt_t = torch.optim.Adam(model.tmap.parameters(), lr=lr_map)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_m, max(steps, 1), eta_min=0.05 * lr_metric)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_m, max(steps - warmup, 1), eta_min=0.05 * lr_metric)
     cache = torch.full((P, N, d * (n_nodes - 1)), float("nan"), dtype=src.dtype)
     hist, unconverged = [], 0
     batch = min(batch, N)
@@ -343,9 +344,10 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1
         J.backward()
         for p in model.potential.parameters():   # the potentials maximise the semi-dual
             p.grad.neg_()
-        opt_m.step()
+        if step > warmup:   # the metric moves only once the potentials fit the data
+            opt_m.step()
+            sched.step()
         opt_g.step()
-        sched.step()
         zs = res.z.detach().reshape(P, batch, -1)
         cache.scatter_(1, idx[..., None].expand(-1, -1, cache.shape[-1]), zs)
         loss_t = ((model.amortised(x) - zs[..., :d]) ** 2).sum(-1).mean() / model.metric.norm.scale ** 2
