@@ -174,8 +174,10 @@ def test_dq_true_labels_one_random_labels_zero(problem):
 
 
 # ----------------------------------------------------------------------------- TaskMet gradient
-def small_taskmet():
-    """Cubic-like: 6 instances x 8 items, linear model, scalar metric weight from a tiny MLP."""
+def small_taskmet(wd=0.0):
+    """Cubic-like: 6 instances x 8 items, linear model, scalar metric weight from a tiny MLP;
+    the inner loss has TaskMet's weight decay wd/2 |theta|^2 (a ridge regression)."""
+    from problems.taskmet.methods import l2
     g = gen(12)
     X = 2 * torch.rand(6, 8, 1, generator=g, dtype=D) - 1
     Y = 10 * (X ** 3 - 0.65 * X)
@@ -186,7 +188,7 @@ def small_taskmet():
     def loss(params, phi):
         r = torch.func.functional_call(net, params, (X,)) - Y
         w = torch.nn.functional.softplus(torch.func.functional_call(metric, phi, (X,)))
-        return (w * r * r).mean()
+        return (w * r * r).mean() + wd / 2 * l2(params)
 
     def start(phi, backward):  # unrolled: from zero; implicit: warm start at the weighted LS solution
         if backward == "unrolled":
@@ -194,7 +196,9 @@ def small_taskmet():
         with torch.no_grad():
             w = torch.nn.functional.softplus(torch.func.functional_call(metric, phi, (X,))).reshape(-1)
             A = torch.cat([X.reshape(-1, 1), torch.ones(w.numel(), 1, dtype=D)], 1)
-            sol = torch.linalg.solve(A.T @ (w[:, None] * A), A.T @ (w * Y.reshape(-1)))
+            n = w.numel()  # minimiser of sum w r^2 / n + wd/2 |theta|^2
+            sol = torch.linalg.solve(A.T @ (w[:, None] * A) + n * wd / 2 * torch.eye(2, dtype=D),
+                                     A.T @ (w * Y.reshape(-1)))
         return {"weight": sol[:1].reshape(1, 1), "bias": sol[1:]}
 
     def outer(phi, backward):
@@ -207,8 +211,9 @@ def small_taskmet():
     return phi, outer
 
 
-def test_taskmet_implicit_gradient_matches_unrolled_and_finite_differences():
-    phi, outer = small_taskmet()
+@pytest.mark.parametrize("wd", [0.0, 0.5])
+def test_taskmet_implicit_gradient_matches_unrolled_and_finite_differences(wd):
+    phi, outer = small_taskmet(wd)
     grads = {}
     for mode in ("implicit", "unrolled"):
         th = {k: v.clone().requires_grad_() for k, v in phi.items()}
@@ -227,7 +232,11 @@ def test_taskmet_training_loop_runs_and_selects():
     settings = {"taskmet": {"outer_steps": 4, "inner_init": 50, "inner_steps": 20, "metric_hidden": 8,
                             "eval_every": 2}}
     out, net, params, extra = run(task, "taskmet", None, 1, settings)
-    assert out["best_step"] in (2, 4) and np.isfinite(out["dq"]) and np.isfinite(out["mse"])
+    assert out["best_step"] in (0, 2, 4) and np.isfinite(out["dq"]) and np.isfinite(out["mse"])
+    # step 0 (the fit under the initial metric) is a candidate: with a frozen metric and no refits
+    # every checkpoint ties and the first offered is kept
+    frozen = {"taskmet": {**settings["taskmet"], "metric_lr": 0.0, "inner_steps": 0, "wd": 1e-3}}
+    assert run(task, "taskmet", None, 1, frozen)[0]["best_step"] == 0
 
 
 # ----------------------------------------------------------------------------- CLI

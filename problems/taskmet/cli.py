@@ -10,7 +10,8 @@ from .data import PROBLEMS
 from .methods import METHODS, run
 
 # Schedules. full: close to the published ones (TaskMet: 500 inner Adam steps, then 100 warm-started
-# per outer step; the outer learning rate is raised from 1e-3 to 1e-2 to fit a CPU budget).
+# per outer step; the outer learning rate is raised from 1e-3 to 1e-2 to fit a CPU budget; the MLP
+# predictors' inner fit has weight decay wd, see train_taskmet).
 # quick: short schedules for `reproduce --quick`.
 SETTINGS = {
     "cubic": {
@@ -21,17 +22,19 @@ SETTINGS = {
     },
     "budget": {
         "full": {"direct": {"epochs": 100, "batch": 20}, "lodl": {"n_samples": 256, "steps": 500},
-                 "taskmet": {"outer_steps": 100, "metric_lr": 1e-2, "ridge": 5e-2, "cg_iters": 100}},
+                 "taskmet": {"outer_steps": 100, "metric_lr": 1e-2, "ridge": 5e-2, "cg_iters": 100,
+                             "wd": 1e-3}},
         "quick": {"direct": {"epochs": 25, "batch": 20}, "lodl": {"n_samples": 64, "steps": 200},
                   "taskmet": {"outer_steps": 15, "inner_steps": 50, "metric_lr": 1e-2, "ridge": 5e-2,
-                              "cg_iters": 100}},
+                              "cg_iters": 100, "wd": 1e-3}},
     },
     "portfolio": {
         "full": {"direct": {"epochs": 50, "batch": 50}, "lodl": {"n_samples": 64, "steps": 500},
-                 "taskmet": {"outer_steps": 50, "metric_lr": 1e-2, "ridge": 5e-2, "cg_iters": 100}},
+                 "taskmet": {"outer_steps": 50, "metric_lr": 1e-2, "ridge": 5e-2, "cg_iters": 100,
+                             "wd": 1e-3}},
         "quick": {"direct": {"epochs": 10, "batch": 50}, "lodl": {"n_samples": 16, "steps": 200},
                   "taskmet": {"outer_steps": 10, "inner_steps": 50, "metric_lr": 1e-2, "ridge": 5e-2,
-                              "cg_iters": 100}},
+                              "cg_iters": 100, "wd": 1e-3}},
     },
 }
 
