@@ -10,7 +10,8 @@ Ground truth G(x) = I - (1 - 1e-3) v v^T, the alignment score on 100 x 100 grids
   under A(x) = I - 0.9 u u^T, u = normalise(MLP(x)); semi-dual E_mu[g^c] + E_nu[g] per pair of
   consecutive snapshots; the c-transform is solved jointly over the end point y and the path's
   interior nodes by batched L-BFGS (solvers.c_transform), warm-started from an amortised map
-  T(x) = x + MLP(x); gradients by the envelope theorem or the engine's implicit differentiation.
+  T(x) = x + MLP(x), an amortised path network and a discrete c-transform over the targets (the
+  best start per sample); gradients by the envelope theorem or the engine's implicit differentiation.
 Snapshots are [K, T, N, d] (problems.ot_data).
 """
 import math
@@ -249,12 +250,31 @@ def _straight_interior(x, y, n_nodes):
     return (x[:, None] + t * (y - x)[:, None]).flatten(1)
 
 
+class PathNet(nn.Module):
+    """Amortised geodesic: the interior nodes of the path x -> y as the straight line plus an MLP offset of
+    (x, y) (zero at initialisation), regressed onto the refined paths. x, y [B, d] -> [B, (n_nodes - 2) d]."""
+
+    def __init__(self, norm, d, n_nodes, hidden=64):
+        super().__init__()
+        self.norm, self.n_nodes = norm, n_nodes
+        self.net = nn.Sequential(nn.Linear(2 * d, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, (n_nodes - 2) * d))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x, y):
+        offset = self.net(torch.cat([self.norm(x), self.norm(y)], -1))
+        return _straight_interior(x, y, self.n_nodes) + self.norm.scale * offset
+
+
 @dataclass
 class LagrangianModel:
-    """The learned metric, the potentials g_p and amortised maps T_p (one per consecutive pair)."""
+    """The learned metric, the potentials g_p, amortised maps T_p (one per consecutive pair) and the
+    amortised geodesic interior nodes (shared)."""
     metric: DirectionMetric
     potential: BatchedMLP
     tmap: BatchedMLP
+    pathnet: PathNet
     n_nodes: int
 
     def amortised(self, x):
@@ -262,20 +282,69 @@ class LagrangianModel:
         norm = self.metric.norm
         return x + norm.scale * self.tmap(norm(x))
 
+    def objective(self, P):
+        """f(x [B, d], z [B, m], params) -> [B], the c-transform objective E(path) - g_p(y) (B = P n)."""
+        return _path_objective(self.metric, self.potential, self.metric.norm, P, self.n_nodes)
+
+    def params(self):
+        """The parameter tree the objective differentiates: {'metric': ..., 'g': ...}."""
+        return {"metric": dict(self.metric.named_parameters()), "g": dict(self.potential.named_parameters())}
+
     def transport(self, x, *, z0=None, max_iter=50, tol=1e-6, backward="envelope", params=None):
-        """Solve the c-transform of every x [P, n, d] -> (CTransformResult, paths [P, n, n_nodes, d])."""
+        """Solve the c-transform of every x [P, n, d] (from T(x) and the amortised path unless z0 [P n, m]
+        is given) -> (CTransformResult, paths [P, n, n_nodes, d])."""
         P, n, d = x.shape
         if z0 is None:
             with torch.no_grad():
                 y0 = self.amortised(x).reshape(-1, d)
-            xf = x.reshape(-1, d)
-            z0 = torch.cat([y0, _straight_interior(xf, y0, self.n_nodes)], 1)
-        params = params or {"metric": dict(self.metric.named_parameters()), "g": dict(self.potential.named_parameters())}
-        f = _path_objective(self.metric, self.potential, self.metric.norm, P, self.n_nodes)
-        res = c_transform(f, x.reshape(-1, d), z0, params, max_iter=max_iter, tol=tol, backward=backward)
+                z0 = torch.cat([y0, self.pathnet(x.reshape(-1, d), y0)], 1)
+        res = c_transform(self.objective(P), x.reshape(-1, d), z0, params or self.params(), max_iter=max_iter,
+                          tol=tol, backward=backward)
         z = res.z.detach()
         paths = torch.cat([x.reshape(-1, 1, d), z[:, d:].reshape(-1, self.n_nodes - 2, d), z[:, None, :d]], 1)
         return res, paths.reshape(P, n, self.n_nodes, d)
+
+
+def _discrete_c_transform(model, x, targets):
+    """argmin_j c~(x, y_j) - g(y_j) over the targets [P, M, d] for x [P, n, d] -> [P, n, d], with the cheap cost
+    estimate c~ = 1/2 (y - x)^T A((x + y) / 2) (y - x) (one straight segment)."""
+    D = targets[:, None] - x[:, :, None]                        # [P, n, M, d]
+    A = model.metric(0.5 * (targets[:, None] + x[:, :, None]))
+    cost = 0.5 * torch.einsum("pnmi,pnmij,pnmj->pnm", D, A, D)
+    j = (cost - _potential(model.potential, model.metric.norm, targets)[:, None]).argmin(-1)
+    return torch.gather(targets, 1, j[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def warm_starts(model, x, targets, previous=None, candidates=("previous", "amortised", "discrete")):
+    """Starting points z0 [P, n, m] of the c-transforms of x [P, n, d]: per sample the candidate with the lowest
+    objective among 'previous' (the sample's last refined path [P, n, m], NaN where none, its end moved to T(x)),
+    'amortised' (T(x) and the amortised path) and 'discrete' (the discrete c-transform over the targets
+    [P, M, d] and the amortised path to it)."""
+    P, n, d = x.shape
+    xf = x.reshape(-1, d)
+    with torch.no_grad():
+        y0 = model.amortised(x)
+        amort = torch.cat([y0, model.pathnet(xf, y0.reshape(-1, d)).reshape(P, n, -1)], -1)
+        cands = []
+        if "amortised" in candidates:
+            cands.append(amort)
+        if "previous" in candidates and previous is not None:
+            t = torch.linspace(0, 1, model.n_nodes, dtype=x.dtype)[1:-1, None]
+            shift = (y0 - previous[..., :d])[..., None, :] * t     # move the old path's end to T(x)
+            moved = torch.cat([y0, (previous[..., d:].reshape(P, n, -1, d) + shift).flatten(2)], -1)
+            cands.append(torch.where(torch.isnan(previous[..., :1]), amort, moved))
+        if "discrete" in candidates:
+            yd = _discrete_c_transform(model, x, targets)
+            cands.append(torch.cat([yd, model.pathnet(xf, yd.reshape(-1, d)).reshape(P, n, -1)], -1))
+        if not cands:
+            raise ValueError(f"candidates must name at least one of previous, amortised, discrete, got {candidates}")
+        z = torch.stack(cands)                                   # [C, P, n, m]
+        C = z.shape[0]
+        f = model.objective(P)
+        xs = x[None].expand(C, -1, -1, -1).transpose(0, 1).reshape(-1, d)
+        vals = f(xs, z.transpose(0, 1).reshape(P * C * n, -1), model.params()).reshape(P, C, n)
+        best = vals.argmin(1)                                    # [P, n]
+        return torch.gather(z.transpose(0, 1), 1, best[:, None, :, None].expand(-1, 1, -1, z.shape[-1]))[:, 0]
 
 
 def _semi_dual(model, res, dst):
@@ -292,7 +361,7 @@ def gradient_gap(model, src, dst, *, max_iter=100, tol=1e-8):
     z0 = res.z.detach()
     grads = []
     for mode in ("envelope", "implicit"):
-        params = {"metric": dict(model.metric.named_parameters()), "g": dict(model.potential.named_parameters())}
+        params = model.params()
         r, _ = model.transport(src, z0=z0, max_iter=0, tol=tol, backward=mode, params=params)
         J = _semi_dual(model, r, dst)
         gs = torch.autograd.grad(J, list(params["metric"].values()))
@@ -301,41 +370,38 @@ def gradient_gap(model, src, dst, *, max_iter=100, tol=1e-8):
 
 
 def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1e-2, lr_g=3e-2, lr_map=1e-2,
-                   inner_iter=30, inner_tol=1e-5, backward="envelope", warmup=0, callback=None, log_every=50):
+                   inner_iter=30, inner_tol=1e-5, backward="envelope", warmup=0,
+                   candidates=("previous", "amortised"), callback=None, log_every=50):
     """Learn A(x) = I - 0.9 u u^T from snapshots [K, T, N, d] by the Lagrangian-cost semi-dual.
 
     Each step draws `batch` source samples per consecutive pair, solves their c-transforms jointly
-    with the geodesic paths (n_nodes nodes) by batched L-BFGS warm-started from T(x) and the
-    previous path, then takes one ascent step on the potentials, one descent step on the metric
+    with the geodesic paths (n_nodes nodes) by batched L-BFGS from the best of the `candidates` warm
+    starts (warm_starts), then takes one ascent step on the potentials, one descent step on the metric
     (gradients by `backward`: 'envelope' or 'implicit'; cosine-decayed learning rate; none in the
     first `warmup` steps, while the potentials are still far from optimal) and one regression step
-    of T onto y*.
+    of T onto y* and of the path network onto the refined paths.
     callback(step, metric) -> dict of extra figures to log."""
     torch.manual_seed(seed)
     t0 = time.time()
     src, dst = consecutive_pairs(snaps)
     P, N, d = src.shape
-    model = LagrangianModel(DirectionMetric(snaps).double(), BatchedMLP(P, d, 1, zero_last=True).double(),
-                            BatchedMLP(P, d, d, zero_last=True).double(), n_nodes)
+    metric = DirectionMetric(snaps).double()
+    model = LagrangianModel(metric, BatchedMLP(P, d, 1, zero_last=True).double(),
+                            BatchedMLP(P, d, d, zero_last=True).double(), PathNet(metric.norm, d, n_nodes).double(),
+                            n_nodes)
     opt_m = torch.optim.Adam(model.metric.net.parameters(), lr=lr_metric)
     opt_g = torch.optim.Adam(model.potential.parameters(), lr=lr_g)
-    opt_t = torch.optim.Adam(model.tmap.parameters(), lr=lr_map)
+    opt_t = torch.optim.Adam([*model.tmap.parameters(), *model.pathnet.parameters()], lr=lr_map)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_m, max(steps - warmup, 1), eta_min=0.05 * lr_metric)
     cache = torch.full((P, N, d * (n_nodes - 1)), float("nan"), dtype=src.dtype)
     hist, unconverged = [], 0
     batch = min(batch, N)
+    scale2 = model.metric.norm.scale ** 2
     for step in progress(range(1, steps + 1), desc="lagrangian"):
         idx = torch.stack([torch.randperm(N)[:batch] for _ in range(P)])
         x = torch.gather(src, 1, idx[..., None].expand(-1, -1, d))
-        with torch.no_grad():
-            y0 = model.amortised(x)
-            old = torch.gather(cache, 1, idx[..., None].expand(-1, -1, cache.shape[-1]))
-            t = torch.linspace(0, 1, n_nodes, dtype=src.dtype)[1:-1, None]
-            shift = (y0 - old[..., :d])[..., None, :] * t          # move the old path's end to T(x)
-            interior = old[..., d:].reshape(P, batch, n_nodes - 2, d) + shift
-            fresh = _straight_interior(x.reshape(-1, d), y0.reshape(-1, d), n_nodes).reshape(P, batch, -1)
-            interior = torch.where(torch.isnan(old[..., :1]), fresh, interior.flatten(2))
-            z0 = torch.cat([y0, interior], -1).reshape(P * batch, -1)
+        old = torch.gather(cache, 1, idx[..., None].expand(-1, -1, cache.shape[-1]))
+        z0 = warm_starts(model, x, dst, old, candidates).reshape(P * batch, -1)
         res, _ = model.transport(x, z0=z0, max_iter=inner_iter, tol=inner_tol, backward=backward)
         unconverged += int((~res.converged).sum())
         J = _semi_dual(model, res, dst)
@@ -350,12 +416,15 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1
         opt_g.step()
         zs = res.z.detach().reshape(P, batch, -1)
         cache.scatter_(1, idx[..., None].expand(-1, -1, cache.shape[-1]), zs)
-        loss_t = ((model.amortised(x) - zs[..., :d]) ** 2).sum(-1).mean() / model.metric.norm.scale ** 2
+        loss_t = ((model.amortised(x) - zs[..., :d]) ** 2).sum(-1).mean() / scale2
+        loss_path = ((model.pathnet(x.reshape(-1, d), zs[..., :d].reshape(-1, d)) - zs[..., d:].reshape(P * batch, -1))
+                     ** 2).sum(-1).mean() / scale2
         opt_t.zero_grad()
-        loss_t.backward()
+        (loss_t + loss_path).backward()
         opt_t.step()
         if callback is not None and step % log_every == 0:
             hist.append({"step": step, "semi_dual": float(J.detach()), "map_loss": float(loss_t.detach()),
-                         "inner_residual": float(res.residual.max()), **callback(step, model.metric)})
+                         "path_loss": float(loss_path.detach()), "inner_residual": float(res.residual.max()),
+                         **callback(step, model.metric)})
     extra = {"unconverged_inner_fraction": unconverged / max(steps * P * batch, 1)}
     return FitResult(model.metric, hist, time.time() - t0, {"model": model, **extra})

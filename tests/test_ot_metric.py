@@ -5,8 +5,9 @@ import torch
 
 import bilevel
 from problems.ot_data import consecutive_pairs, make_dataset
-from problems.ot_metric import (GRIDS, alignment, cheap_direction, fit_lagrangian, fit_scarvelis, gradient_gap,
-                                grid, segment_points, true_direction, true_metric)
+from problems.ot_metric import (GRIDS, PathNet, _discrete_c_transform, alignment, cheap_direction, fit_lagrangian,
+                                fit_scarvelis, gradient_gap, grid, segment_points, true_direction, true_metric,
+                                warm_starts)
 from solvers.c_transform import c_transform, lbfgs, optimality
 
 
@@ -133,3 +134,51 @@ def test_lagrangian_short_run_raises_alignment_and_gradients_agree():
     src, dst = consecutive_pairs(snaps)
     gap, residual = gradient_gap(res.extra["model"], src[:, :6], dst)
     assert residual < 1e-6 and gap < 1e-4
+
+
+# ----------------------------------------------------------------------------- warm starts, amortised paths
+def _small_model(P=3, n=5, n_nodes=5, seed=0):
+    torch.manual_seed(seed)
+    snaps = make_dataset("x_paths", seed, n_samples=12)[:, :3]
+    res = fit_lagrangian(snaps, steps=3, batch=n, n_nodes=n_nodes, inner_iter=5)
+    return res.extra["model"], *consecutive_pairs(snaps)
+
+
+def test_path_net_starts_straight_and_is_differentiable():
+    model, src, dst = _small_model()
+    net = PathNet(model.metric.norm, 2, 6).double()
+    x, y = src[0, :4], dst[0, :4]
+    t = torch.linspace(0, 1, 6, dtype=torch.float64)[1:-1, None]
+    straight = (x[:, None] + t * (y - x)[:, None]).flatten(1)
+    assert torch.allclose(net(x, y), straight, atol=1e-15)
+    torch.nn.init.normal_(net.net[-1].weight)
+    assert torch.autograd.gradcheck(lambda a, b: net(a, b), (x.clone().requires_grad_(), y.clone().requires_grad_()))
+
+
+def test_discrete_c_transform_is_the_argmin_over_targets():
+    model, src, dst = _small_model()
+    x = src[:, :4]
+    y = _discrete_c_transform(model, x, dst)
+    g = (model.metric.norm.scale ** 2 * model.potential(model.metric.norm(dst)).squeeze(-1))
+    for p in range(x.shape[0]):          # brute force, one pair and one source at a time
+        for i in range(x.shape[1]):
+            D = dst[p] - x[p, i]
+            A = model.metric(0.5 * (dst[p] + x[p, i]))
+            vals = 0.5 * torch.einsum("mi,mij,mj->m", D, A, D) - g[p]
+            assert torch.equal(y[p, i], dst[p, int(vals.argmin())])
+
+
+def test_warm_starts_keep_the_best_candidate():
+    model, src, dst = _small_model()
+    P, n, d = src.shape[0], 4, 2
+    x = src[:, :n]
+    prev = torch.randn(P, n, d * (model.n_nodes - 1), dtype=torch.float64) * 0.3 + x.repeat(1, 1, model.n_nodes - 1)
+    prev[:, 0] = float("nan")        # no previous path for the first sample
+    f = model.objective(P)
+    value = lambda z: f(x.reshape(-1, d), z.reshape(P * n, -1), model.params()).detach()
+    best = value(warm_starts(model, x, dst, prev))
+    for one in ("previous", "amortised", "discrete"):
+        assert bool((best <= value(warm_starts(model, x, dst, prev, (one,))) + 1e-12).all())
+    assert torch.isfinite(best).all()
+    with pytest.raises(ValueError, match="candidates"):
+        warm_starts(model, x, dst, prev, ())
