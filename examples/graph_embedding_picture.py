@@ -8,7 +8,9 @@ metric, and the metric drawn as ellipses {u : u^T A(x) u = r^2} (small where dis
 the Protein graph; with its substitute (`--graph protein`) expect hours on a laptop CPU.
 """
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -65,15 +67,18 @@ def main(argv=None):
     p.add_argument("--model", help="state dict of a 2-D DeepEmbedding of this graph (skips training)")
     p.add_argument("--deep-steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="euclidean", help="Deep's start (see bilevel embed --help)")
     args = p.parse_args(argv)
     graph = load_graph(args.graph)
-    if args.model:
-        model = DeepEmbedding(graph.n, 2)
+    if args.model:  # the base metric is in the result.json written beside model.pt
+        meta = Path(args.model).with_name("result.json")
+        conformal = json.loads(meta.read_text()).get("init_conformal", "euclidean") if meta.exists() else "euclidean"
+        model = DeepEmbedding(graph.n, 2, conformal=conformal)
         model.load_state_dict(torch.load(args.model))
         title = ""
     else:
-        res, model = embed(graph, "deep", 2, seed=args.seed, deep_steps=args.deep_steps)
-        title = f"{graph.name}: Deep, dim 2, D_wc = {res['d_wc']:.3f}"
+        res, model = embed(graph, "deep", 2, seed=args.seed, deep_steps=args.deep_steps, init=args.init)
+        title = f"{graph.name}: Deep (init {args.init}), dim 2, D_wc = {res['d_wc']:.3f}"
     out = draw(model, graph, results_dir("graph-picture") / f"{graph.name}_deep2.png", title=title)
     print(out, file=sys.stderr)
     return out

@@ -171,29 +171,111 @@ def all_distances(model, pairs, chunk=200_000):
     return torch.cat(out).double().numpy(), bad
 
 
-class DeepEmbedding(nn.Module):
-    """Nodes x [n, d] in R^d under a learned metric A_theta (solvers.metric.NeuralMetric, A = I at
-    start); d(x_i, x_j) = sqrt(v^T A(x_i) v) with v = log_{x_i}(x_j) from solvers.geodesic.log_map
-    (implicit gradient in x and theta). Each pair's v is warm-started from its last converged solve;
-    pairs whose log map did not converge keep their loss value but pass no gradient, and are counted in
-    `last_nonconverged`. log_opts go to log_map (steps: RK4 steps of the exp map, max_iter, tol)."""
+CHART_K = {"poincare": -1.0, "sphere": 1.0}  # geoopt Stereographic curvature of each conformal chart
 
-    def __init__(self, n, dim, init=None, hidden=32, depth=2, seed=0, **log_opts):
+
+def chart_points(z, conformal):
+    """Node parameters z [n, d] -> chart coordinates x [n, d]: x = z (euclidean), or the point at
+    geodesic distance |z| from the origin along z in the unit ball (poincare, |x| = tanh(|z|/2)) or
+    the stereographic plane (sphere, |x| = tan(|z|/2), |z| < pi). Adam steps in z are then steps of
+    about their size in unit-curvature distance, also near the ball's boundary."""
+    if conformal == "euclidean":
+        return z
+    r = z.norm(dim=-1, keepdim=True)
+    small = r < 1e-6
+    rs = torch.where(small, torch.ones_like(r), r)
+    f = torch.tanh(rs / 2) if conformal == "poincare" else torch.tan(rs.clamp(max=math.pi - 1e-6) / 2)
+    return torch.where(small, 0.5 * z, z * (f / rs))
+
+
+def chart_params(x, conformal):
+    """Inverse of chart_points: chart coordinates x [n, d] -> node parameters z [n, d]."""
+    if conformal == "euclidean":
+        return x
+    r = x.norm(dim=-1, keepdim=True)
+    small = r < 1e-9
+    rs = torch.where(small, torch.ones_like(r), r)
+    g = 2 * (torch.atanh(rs) if conformal == "poincare" else torch.atan(rs))
+    return torch.where(small, 2 * x, x * (g / rs))
+
+
+def stereographic_pole(y, n_candidates=4000, seed=0):
+    """A unit vector of R^(d+1) far from every point of y [n, d+1] on the unit sphere (the largest
+    smallest angle among the antipodes of the points and seeded random directions)."""
+    g = torch.Generator().manual_seed(seed)
+    cand = torch.cat([-y, torch.randn(n_candidates, y.shape[1], generator=g, dtype=y.dtype)])
+    cand = cand / cand.norm(dim=1, keepdim=True)
+    return cand[(cand @ y.T).amax(1).argmin()]
+
+
+def to_conformal_chart(model):
+    """A fitted single-factor ConstantCurvature model -> (conformal base, chart coordinates x [n, d],
+    scale): Euclidean as is; Poincare ball as is; Lorentz mapped to the ball by the isometry
+    x = x_s / (1 + x_0); sphere S^d by stereographic projection from a pole far from every node
+    (so that the chart's unit sphere metric is (2 / (1 + |x|^2))^2 I). Distances are unchanged:
+    d = scale * (unit-curvature distance of the chart)."""
+    if len(model.factors) != 1:
+        raise ValueError(f"Deep initialises from one constant-curvature factor, got {model.factors}")
+    kind = model.factors[0][0]
+    p = model.points[0].detach()
+    scale = float(model.log_scales[0].detach().exp())
+    if kind == "euclidean":
+        return "euclidean", p.clone(), 1.0
+    if kind == "poincare":
+        return "poincare", p.clone(), scale
+    if kind == "lorentz":
+        return "poincare", p[:, 1:] / (1 + p[:, :1]), scale
+    y = p / p.norm(dim=1, keepdim=True)
+    pole = stereographic_pole(y)
+    # orthonormal basis of pole^perp: the last d columns of a QR of [pole, I]
+    q, _ = torch.linalg.qr(torch.cat([pole[:, None], torch.eye(len(pole), dtype=p.dtype)], 1))
+    basis = q[:, 1:]
+    return "sphere", (y @ basis) / (1 - y @ pole)[:, None], scale
+
+
+class DeepEmbedding(nn.Module):
+    """Nodes x [n, d] in R^d under a learned metric A_theta (solvers.metric.NeuralMetric; with
+    `conformal` its correction of a constant-curvature base metric s^2 c(x) I, the correction I at
+    start); d(x_i, x_j) = sqrt(v^T A(x_i) v) with v = log_{x_i}(x_j) from solvers.geodesic.log_map
+    (implicit gradient in x and theta). The trained node parameters are z (chart_points(z) = x).
+    A pair's first log-map start is the base metric's closed-form log map (geoopt Stereographic,
+    y - x when flat), later ones its last converged v; pairs whose log map did not converge keep
+    their loss value but pass no gradient, and are counted in `last_nonconverged`. log_opts go to
+    log_map (steps: RK4 steps of the exp map, max_iter, tol)."""
+
+    def __init__(self, n, dim, init=None, hidden=32, depth=2, seed=0, conformal="euclidean", scale=1.0,
+                 **log_opts):
         super().__init__()
         torch.manual_seed(seed)
         x = torch.as_tensor(init, dtype=torch.float64) if init is not None else 0.1 * torch.randn(n, dim)
-        self.x = nn.Parameter(x.to(torch.float64).clone())
-        self.metric = NeuralMetric(dim, hidden=hidden, depth=depth).double()
+        if conformal == "poincare" and not bool((x.norm(dim=1) < 1).all()):
+            raise ValueError("DeepEmbedding with the Poincare base needs every node inside the unit ball")
+        self.conformal = conformal
+        self.z = nn.Parameter(chart_params(x.to(torch.float64), conformal).clone())
+        self.metric = NeuralMetric(dim, hidden=hidden, depth=depth, conformal=conformal, scale=scale).double()
         self.log_opts = {"steps": 16, "max_iter": 30, "tol": 1e-9, **log_opts}
         self.register_buffer("cache", torch.zeros(n, n, dim, dtype=torch.float64))
         self.register_buffer("valid", torch.zeros(n, n, dtype=torch.bool))
         self.last_nonconverged = 0
 
+    @property
+    def x(self):
+        """Node coordinates [n, d] in the metric's chart."""
+        return chart_points(self.z, self.conformal)
+
+    def base_log(self, x, y):
+        """Closed-form log map of the base metric (the learned metric at initialisation)."""
+        if self.conformal == "euclidean":
+            return y - x
+        return geoopt.Stereographic(k=CHART_K[self.conformal]).logmap(x, y)
+
     def forward(self, pairs, ids=None):
         """pairs [P, 2] long -> geodesic distances [P]."""
         i, j = pairs[:, 0], pairs[:, 1]
-        xi, xj = self.x[i], self.x[j]
-        init = torch.where(self.valid[i, j, None], self.cache[i, j], (xj - xi).detach())
+        x = self.x
+        xi, xj = x[i], x[j]
+        with torch.no_grad():
+            init = torch.where(self.valid[i, j, None], self.cache[i, j], self.base_log(xi, xj))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bilevel.ConvergenceWarning)
             v, info = log_map(self.metric, xi, xj, init=init, return_info=True, **self.log_opts)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .distortion import distortion, mean_average_precision
-from .embeddings import (ConstantCurvature, DeepEmbedding, all_distances, fit, parse_manifold,
-                         ratio_loss)
+from .embeddings import (ConstantCurvature, DeepEmbedding, all_distances, fit, parse_manifold, ratio_loss,
+                         to_conformal_chart)
 from .graphs import BUILTINS, REAL, all_pairs, load_graph, sample_pairs, shortest_paths
 from .registry import register
 from .report import emit, results_dir, save_json
@@ -51,9 +51,58 @@ def _pairs(graph, seed, eval_max):
     return p, d, pe, de
 
 
+# Deep's initialisations: the constant-curvature fits it may start from (the one with the lowest D_wc)
+INITS = {"identity": [], "euclidean": ["euclidean"], "poincare": ["poincare", "lorentz"],
+         "sphere": ["sphere"], "best": ["euclidean", "poincare", "lorentz", "sphere"]}
+
+
+# Deep's Adam learning rates (nodes, metric). On a curved base a node step is a step in unit-curvature
+# distance and the geodesics are long (up to ~13 units on the trees): 0.01 / 0.003 there changed the
+# metric by ~10% a step, lost log-map warm starts and raised the loss; 1e-3 / 1e-4 lowers it steadily.
+DEEP_LR = {"euclidean": (0.01, 0.003), "poincare": (1e-3, 1e-4), "sphere": (1e-3, 1e-4)}
+
+
+def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, big):
+    factors = parse_manifold(manifold, dim)
+    model = ConstantCurvature(graph.n, factors, None if big else shortest_paths(graph), seed=seed)
+    losses = fit(model, pairs, dg, steps=steps, lr=lr, batch=batch, seed=seed,
+                 desc=f"{graph.name} {manifold}") if steps else [math.nan]
+    return model, losses[0]
+
+
+def _evaluate(model, graph, eval_pairs, eval_dg, chunk):
+    """D_wc, D_avg, mAP (all pairs only), ratio loss and non-converged pairs of a model."""
+    d, nonconv = all_distances(model, eval_pairs, chunk=chunk)
+    out = distortion(d, eval_dg)
+    out["map"] = None
+    if len(eval_pairs) == graph.n * (graph.n - 1) // 2:
+        full = np.zeros((graph.n, graph.n))
+        full[eval_pairs[:, 0], eval_pairs[:, 1]] = d
+        out["map"] = mean_average_precision(full + full.T, graph.adjacency())
+    out["loss"] = float(ratio_loss(torch.as_tensor(d), torch.as_tensor(eval_dg)))
+    out["nonconverged_pairs"] = nonconv
+    return out
+
+
+def deep_ode_steps(conformal, x, scale, d_graph_max):
+    """RK4 steps of the exp map for Deep training: 8 on the flat base; on a curved base about 1.6 per
+    unit-curvature length of the longest geodesic (diameter / scale), at least 8 (the exp map's
+    relative error is then about 1e-3 or less; evaluation uses twice as many)."""
+    if conformal == "euclidean":
+        return 8
+    return max(8, math.ceil(1.6 * d_graph_max / scale))
+
+
 def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep_steps=100,
-          deep_batch=None, deep_lr=(0.01, 0.003), hidden=32, log_steps=8, eval_log_steps=16):
-    """Fit one embedding of a Graph. Returns (result dict with the CLI's JSON fields, model)."""
+          deep_batch=None, deep_lr=None, hidden=32, log_steps=None, eval_log_steps=None,
+          init="euclidean", fitted=None):
+    """Fit one embedding of a Graph. Returns (result dict with the CLI's JSON fields, model).
+
+    Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
+    with the lowest D_wc), mapped to a conformal chart, with the learned metric a correction (I at
+    start) of that fit's metric; 'identity': A = I and nodes from classical MDS. fitted: an optional
+    dict (manifold -> (model, result)) of constant-curvature fits of the same graph, dim and seed to
+    reuse."""
     t0 = time.time()
     torch.manual_seed(seed)
     deep = manifold == "deep"
@@ -62,35 +111,47 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
     if batch is None and big:
         batch = 4096
     steps = steps or (5000 if big else 3000)
-    factors = [("euclidean", dim)] if deep else parse_manifold(manifold, dim)
-    d_full = None if big else shortest_paths(graph)
-    model = ConstantCurvature(graph.n, factors, d_full, seed=seed)
-    losses = fit(model, pairs, dg, steps=steps, lr=lr, batch=batch, seed=seed,
-                 desc=f"{graph.name} {manifold}")
-    start_loss = losses[0]
-    if deep:
-        x0 = model.points[0].detach().clone()
-        model = DeepEmbedding(graph.n, dim, init=x0, hidden=hidden, seed=seed, steps=log_steps)
-        opt = torch.optim.Adam([{"params": [model.x], "lr": deep_lr[0]},
+    fit_opts = dict(seed=seed, steps=steps, lr=lr, batch=batch, big=big)
+    extra = {}
+    if not deep:
+        model, start_loss = _fit_constant(graph, manifold, dim, pairs, dg, **fit_opts)
+    else:
+        if init not in INITS:
+            raise ValueError(f"unknown Deep init {init!r}: choose from {list(INITS)}")
+        fitted = {} if fitted is None or init == "identity" else fitted
+        cands = INITS[init] or ["euclidean"]
+        for m in cands:
+            if m not in fitted:
+                opts = {**fit_opts, "steps": 0} if init == "identity" else fit_opts
+                base, loss0 = _fit_constant(graph, m, dim, pairs, dg, **opts)
+                fitted[m] = (base, {**_evaluate(base, graph, eval_pairs, eval_dg, 200_000), "loss_start": loss0})
+        chosen = min(cands, key=lambda m: fitted[m][1]["d_wc"])
+        base, base_res = fitted[chosen]
+        conformal, x0, scale = to_conformal_chart(base)
+        log_steps = log_steps or deep_ode_steps(conformal, x0, scale, float(np.max(dg)))
+        eval_log_steps = eval_log_steps or 2 * log_steps
+        model = DeepEmbedding(graph.n, dim, init=x0, hidden=hidden, seed=seed, conformal=conformal, scale=scale,
+                              steps=eval_log_steps)
+        at_start = _evaluate(model, graph, eval_pairs, eval_dg, 2000)  # also warm-starts every pair's log map
+        model.log_opts["steps"] = log_steps
+        deep_lr = deep_lr or DEEP_LR[conformal]
+        opt = torch.optim.Adam([{"params": [model.z], "lr": deep_lr[0]},
                                 {"params": model.metric.parameters(), "lr": deep_lr[1]}])
         fit(model, pairs, dg, steps=deep_steps, batch=deep_batch or DEEP_BATCH, seed=seed, optimizer=opt,
             desc=f"{graph.name} deep")
         model.log_opts["steps"] = eval_log_steps
-    d, nonconv = all_distances(model, eval_pairs, chunk=2000 if deep else 200_000)
-    dist = distortion(d, eval_dg)
-    mAP = None
-    if len(eval_pairs) == graph.n * (graph.n - 1) // 2:
-        full = np.zeros((graph.n, graph.n))
-        full[eval_pairs[:, 0], eval_pairs[:, 1]] = d
-        mAP = mean_average_precision(full + full.T, graph.adjacency())
-    dims = sum(k for _, k in factors)
+        start_loss = at_start["loss"]
+        extra = {"init": init, "init_manifold": chosen, "init_conformal": conformal, "init_scale": scale,
+                 "init_d_wc": base_res["d_wc"], "d_wc_start": at_start["d_wc"], "ode_steps": log_steps,
+                 "eval_ode_steps": eval_log_steps, "deep_steps": deep_steps}
+    res = _evaluate(model, graph, eval_pairs, eval_dg, 2000 if deep else 200_000)
+    dims = sum(k for _, k in parse_manifold(manifold, dim)) if not deep else dim
     return {
         "graph": graph.name, "nodes": graph.n, "edges": int(len(graph.edges)), "dim": dims,
-        "manifold": manifold, "seed": seed, "d_wc": dist["d_wc"], "d_avg": dist["d_avg"], "map": mAP,
-        "loss_start": start_loss,
-        "loss_end": float(ratio_loss(torch.as_tensor(d), torch.as_tensor(eval_dg))),
-        "seconds": round(time.time() - t0, 2), "nonconverged_pairs": nonconv,
-        "eval_pairs": int(len(eval_pairs)), "substitute": graph.substitute, "note": graph.note,
+        "manifold": manifold, "seed": seed, "d_wc": res["d_wc"], "d_avg": res["d_avg"], "map": res["map"],
+        "loss_start": start_loss, "loss_end": res["loss"],
+        "seconds": round(time.time() - t0, 2), "nonconverged_pairs": res["nonconverged_pairs"],
+        "eval_pairs": int(len(eval_pairs)), "substitute": graph.substitute, "note": graph.note, **extra,
     }, model
 
 
@@ -103,7 +164,7 @@ def _embed_cmd(args):
     elif dim is None:
         sys.exit("--dim is required (except for product:SPEC, whose factors give it)")
     res, model = embed(graph, manifold, dim, seed=args.seed, steps=args.steps, lr=args.lr,
-                       batch=args.batch, deep_steps=args.deep_steps, deep_batch=args.deep_batch)
+                       batch=args.batch, deep_steps=args.deep_steps, deep_batch=args.deep_batch, init=args.init)
     if args.save:
         out = results_dir(f"embed-{graph.name}-{manifold.replace(':', '_')}-d{dim}-s{args.seed}")
         save_json(res, out / "result.json")
@@ -126,6 +187,11 @@ def add_commands(sub):
     p.add_argument("--batch", type=int, help="pairs a step (default all pairs; 4096 on big graphs)")
     p.add_argument("--deep-steps", type=int, default=100, help="joint node + metric steps of Deep")
     p.add_argument("--deep-batch", type=int, help=f"pairs (log maps) a Deep step (default {DEEP_BATCH})")
+    p.add_argument("--init", choices=list(INITS), default="euclidean",
+                   help="Deep's start: the learned metric corrects the metric of this constant-curvature fit "
+                   "(poincare: the better of the Poincare and Lorentz fits; best: the lowest D_wc of all four) "
+                   "and the nodes start at its embedding; identity: A = I, nodes from classical MDS "
+                   "(default euclidean: the Euclidean fit, A = I)")
     p.add_argument("--largest-component", action="store_true", help="embed the largest component of a "
                    "disconnected graph (otherwise an error)")
     p.add_argument("--save", action="store_true", help="write result.json and model.pt to a results folder")

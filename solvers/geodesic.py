@@ -110,6 +110,7 @@ def _shoot(metric, x, y, v, tol, max_iter, ode, jac_steps):
     step length halves on rejection and doubles (up to 1) on success.
     Returns v [B, d], converged [B], residual [B], iterations, and the Jacobian estimate [B, d, d]."""
     B = x.shape[0]
+    v = torch.where(torch.isfinite(v).all(-1, keepdim=True), v, y - x)
     v_out, res = v.clone(), torch.full((B,), float("inf"), dtype=x.dtype, device=x.device)
     idx = torch.arange(B, device=x.device)
 
@@ -137,6 +138,7 @@ def _shoot(metric, x, y, v, tol, max_iter, ode, jac_steps):
         bad = (bad != 0) | ~torch.isfinite(dv).all(-1)
         dv = torch.where(bad[:, None], r, dv)  # singular Jacobian: fall back to a plain residual step
         vc = v - alpha[:, None] * dv
+        vc = torch.where(torch.isfinite(vc).all(-1, keepdim=True), vc, v)  # a NaN step is a rejected one
         rc, rnc = residual(idx, vc)
         ok = rnc < rn
         s_, y_ = vc - v, rc - r

@@ -1,6 +1,7 @@
 """Graph embedding: loading, distances, distortion metrics, constant-curvature and Deep models, CLI."""
 import gzip
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,11 @@ import torch
 import bilevel
 from problems import cli, graphs
 from problems.distortion import distortion, mean_average_precision
-from problems.embeddings import ConstantCurvature, DeepEmbedding, fit, parse_manifold, ratio_loss
+from problems.embeddings import (ConstantCurvature, DeepEmbedding, chart_params, chart_points, fit, parse_manifold,
+                                 ratio_loss, to_conformal_chart)
 from problems.graph_embedding_cli import embed
 from problems.graphs import all_pairs, from_edges, load_edgelist, load_graph, sample_pairs, shortest_paths
+from solvers.metric import poincare_distance, sphere_distance
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "graphs"
 
@@ -182,20 +185,65 @@ def test_fit_lowers_the_ratio_loss_on_sampled_batches():
 
 
 # ---- Deep (learned metric through the log map)
-def test_deep_distance_gradient_matches_finite_differences():
+@pytest.mark.parametrize("conformal", ["euclidean", "poincare", "sphere"])
+def test_deep_distance_gradient_matches_finite_differences(conformal):
     torch.manual_seed(0)
-    m = DeepEmbedding(3, 2, init=torch.tensor([[0.0, 0.0], [1.0, 0.2], [-0.3, 0.8]]), hidden=8,
-                      steps=4, tol=1e-11)
+    scale = 1.0 if conformal == "euclidean" else 0.5
+    m = DeepEmbedding(3, 2, init=scale * torch.tensor([[0.0, 0.0], [1.0, 0.2], [-0.3, 0.8]]), hidden=8,
+                      steps=4, tol=1e-11, conformal=conformal, scale=1.3)
     with torch.no_grad():
         m.metric.out.weight.normal_(0, 0.2)
     pairs = torch.tensor([[0, 1], [0, 2], [1, 2]])
-    x0 = m.x.detach().clone()
+    x0 = m.z.detach().clone()
 
     def outer(x):
-        return torch.func.functional_call(m, {"x": x}, (pairs,)).pow(2).sum()
+        return torch.func.functional_call(m, {"z": x}, (pairs,)).pow(2).sum()
 
     res = bilevel.check_gradient(outer, x0, eps=1e-6, rtol=1e-4, n_directions=4)
     assert res, res.max_rel_err
+
+
+def test_charts_round_trip_and_keep_distances():
+    """Lorentz -> Poincare ball and sphere -> stereographic chart keep every distance; node parameters
+    z map to chart points at unit-curvature distance |z| from the origin."""
+    g = load_graph("tree6")
+    pairs = torch.as_tensor(all_pairs(g)[0])
+    i, j = pairs.T
+    for kind, exact in (("lorentz", poincare_distance), ("poincare", poincare_distance), ("sphere", sphere_distance)):
+        model = ConstantCurvature(g.n, [(kind, 3)], shortest_paths(g), seed=1)
+        with torch.no_grad():
+            model.log_scales[0].fill_(math.log(0.7))
+            ref = model(pairs)
+        conformal, x, scale = to_conformal_chart(model)
+        assert scale == pytest.approx(0.7) and conformal == ("sphere" if kind == "sphere" else "poincare")
+        assert torch.allclose(scale * exact(x[i], x[j]), ref, rtol=1e-6, atol=1e-9), kind
+        z = chart_params(x, conformal)
+        assert torch.allclose(chart_points(z, conformal), x, atol=1e-12)
+        assert torch.allclose(exact(torch.zeros_like(x), x), z.norm(dim=1), atol=1e-9)
+
+
+def test_deep_from_a_hyperbolic_fit_starts_at_its_distances():
+    """The learned metric starts as the fit's own metric: log-map distances equal the fit's."""
+    g = load_graph("tree6")
+    p, dg = all_pairs(g)
+    model = ConstantCurvature(g.n, [("lorentz", 2)], shortest_paths(g), seed=0)
+    fit(model, p, dg, steps=300)
+    conformal, x, scale = to_conformal_chart(model)
+    deep = DeepEmbedding(g.n, 2, init=x, conformal=conformal, scale=scale, hidden=8, steps=32)
+    with torch.no_grad():
+        ref, d = model(torch.as_tensor(p)), deep(torch.as_tensor(p))
+    assert deep.last_nonconverged == 0
+    assert float(((d - ref).abs() / ref).max()) <= 1e-4
+
+
+def test_deep_init_best_reports_its_start():
+    g = load_graph("tree6")
+    res, model = embed(g, "deep", 2, steps=300, deep_steps=2, init="best", hidden=8)
+    assert res["init_manifold"] in ("euclidean", "poincare", "lorentz", "sphere")
+    assert res["d_wc_start"] == pytest.approx(res["init_d_wc"], rel=1e-4)
+    assert res["nonconverged_pairs"] == 0 and res["loss_end"] <= res["loss_start"] * (1 + 1e-4)
+    with pytest.raises(ValueError, match="unknown Deep init"):
+        embed(g, "deep", 2, steps=10, init="hyperbolic")
 
 
 def test_short_deep_run_on_tree6_lowers_its_loss():
