@@ -244,7 +244,7 @@ def test_cli_taskmet_json(tmp_path, monkeypatch, capsys):
     from problems.cli import main
     monkeypatch.setenv("BILEVEL_RESULTS", str(tmp_path))
     monkeypatch.setenv("BILEVEL_QUIET", "1")
-    main(["taskmet", "--problem", "cubic", "--method", "dfl", "--alpha", "10", "--quick", "--json"])
+    main(["taskmet", "--problem", "cubic", "--method", "dfl", "--alpha", "10", "--wd", "0", "--quick", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"problem", "method", "alpha", "dq", "mse", "seconds", "data"} <= set(out)
     assert out["problem"] == "cubic" and out["alpha"] == 10.0 and out["data"].startswith("synthetic")

@@ -64,6 +64,8 @@ def _one(args):
     task = PROBLEMS[args.problem](args.seed, **({"qp": args.qp} if args.problem == "portfolio" else {}))
     settings = SETTINGS[args.problem]["quick" if args.quick else "full"]
     settings = {**settings, "taskmet": {**settings["taskmet"], "backward": args.backward}}
+    if args.wd is not None:
+        settings = {**settings, **{k: {**settings[k], "wd": args.wd} for k in ("direct", "taskmet")}}
     out, *_ = run(task, args.method, alpha, args.seed, settings)
     out["quick"] = args.quick
     save_json(out, results_dir(f"taskmet-{args.problem}-{args.method}") / "result.json")
@@ -81,6 +83,9 @@ def add_commands(sub):
                    help="portfolio training layer: batched torch solver or cvxpylayers")
     p.add_argument("--backward", choices=["implicit", "unrolled"], default="implicit",
                    help="TaskMet: implicit gradient (CG on Hessian-vector products) or unrolled inner steps")
+    p.add_argument("--wd", type=float, default=None,
+                   help="weight decay of the predictor's fit (default: 1e-3 in TaskMet's inner fit of "
+                        "the MLP predictors, 0 for the other methods, as published)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (small ops: 1 is fastest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_one)

@@ -117,13 +117,14 @@ def lodl_loss(yhat, y, w, L, c, s):
 
 
 # ----------------------------------------------------------------------------- MSE / DFL / LODL
-def train_direct(task, method, alpha, seed, *, epochs, batch, lodl=None):
+def train_direct(task, method, alpha, seed, *, epochs, batch, lodl=None, wd=0.0):
     """Minibatch Adam on the method's loss: mse, dfl (-obj + alpha mse), lodl (surrogate + alpha mse).
-    lodl: the fitted surrogates (fit_lodl's output), needed for method 'lodl'."""
+    lodl: the fitted surrogates (fit_lodl's output), needed for method 'lodl'. wd: weight decay
+    (the gradient of wd/2 |theta|^2, as in TaskMet's inner fit; 0 as published)."""
     X, Y = task.X["train"], task.Y["train"]
     net = make_net(X.shape[-1], Y.shape[-1], task.hidden, seed)
     params = {k: v.requires_grad_() for k, v in _params(net).items()}
-    opt = torch.optim.Adam(params.values(), lr=task.lr)
+    opt = torch.optim.Adam(params.values(), lr=task.lr, weight_decay=wd)
     g = torch.Generator().manual_seed(seed)
     if method == "lodl":
         w, L, c, s = lodl
