@@ -233,14 +233,17 @@ def fit_scarvelis(snaps, *, seed=0, rounds=3, phi_epochs=300, r_epochs=1500, lr=
 
 
 # ----------------------------------------------------------------------------- Lagrangian cost
-def _path_objective(metric, potential, norm, P, n_nodes):
-    """f(x, z, params) = E(path x -> y) - g_p(y) for the c-transform; z = [y, interior nodes]."""
+def _path_objective(metric, potential, norm, P, n_nodes, box=None, wall=10.0):
+    """f(x, z, params) = E(path x -> y) - g_p(y) for the c-transform; z = [y, interior nodes]. box: (lo, hi)
+    [2, d] or None; outside it y pays wall / 2 * (distance to the box)^2 (the targets live in the box)."""
     def f(x, z, params):
         B, d = x.shape
         y = z[:, :d]
         path = torch.cat([x[:, None], z[:, d:].reshape(B, n_nodes - 2, d), y[:, None]], 1)
         E = curve_energy(bind(metric, params["metric"]), path)
         g = norm.scale ** 2 * torch.func.functional_call(potential, params["g"], (norm(y).reshape(P, -1, d),))
+        if box is not None:
+            E = E + 0.5 * wall * (F.relu(box[0] - y) ** 2 + F.relu(y - box[1]) ** 2).sum(-1)
         return E - g.reshape(-1)
     return f
 
@@ -276,6 +279,7 @@ class LagrangianModel:
     tmap: BatchedMLP
     pathnet: PathNet
     n_nodes: int
+    box: torch.Tensor = None   # [2, d] (lo, hi) the c-transform keeps its end point in, or None
 
     def amortised(self, x):
         """T(x) = x + MLP(x) on x [P, n, d]."""
@@ -284,7 +288,7 @@ class LagrangianModel:
 
     def objective(self, P):
         """f(x [B, d], z [B, m], params) -> [B], the c-transform objective E(path) - g_p(y) (B = P n)."""
-        return _path_objective(self.metric, self.potential, self.metric.norm, P, self.n_nodes)
+        return _path_objective(self.metric, self.potential, self.metric.norm, P, self.n_nodes, self.box)
 
     def params(self):
         """The parameter tree the objective differentiates: {'metric': ..., 'g': ...}."""
@@ -371,7 +375,7 @@ def gradient_gap(model, src, dst, *, max_iter=100, tol=1e-8):
 
 def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1e-2, lr_g=3e-2, lr_map=1e-2,
                    inner_iter=30, inner_tol=1e-5, backward="envelope", warmup=0,
-                   candidates=("previous", "amortised"), callback=None, log_every=50):
+                   candidates=("previous", "amortised"), box_margin=None, callback=None, log_every=50):
     """Learn A(x) = I - 0.9 u u^T from snapshots [K, T, N, d] by the Lagrangian-cost semi-dual.
 
     Each step draws `batch` source samples per consecutive pair, solves their c-transforms jointly
@@ -379,7 +383,8 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1
     starts (warm_starts), then takes one ascent step on the potentials, one descent step on the metric
     (gradients by `backward`: 'envelope' or 'implicit'; cosine-decayed learning rate; none in the
     first `warmup` steps, while the potentials are still far from optimal) and one regression step
-    of T onto y* and of the path network onto the refined paths.
+    of T onto y* and of the path network onto the refined paths. box_margin: keep the end points in the
+    snapshots' bounding box widened by box_margin * scale (a quadratic wall), or None for no box.
     callback(step, metric) -> dict of extra figures to log."""
     torch.manual_seed(seed)
     t0 = time.time()
@@ -389,6 +394,10 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1
     model = LagrangianModel(metric, BatchedMLP(P, d, 1, zero_last=True).double(),
                             BatchedMLP(P, d, d, zero_last=True).double(), PathNet(metric.norm, d, n_nodes).double(),
                             n_nodes)
+    if box_margin is not None:
+        pts = snaps.reshape(-1, d)
+        m = box_margin * metric.norm.scale
+        model.box = torch.stack([pts.min(0).values - m, pts.max(0).values + m])
     opt_m = torch.optim.Adam(model.metric.net.parameters(), lr=lr_metric)
     opt_g = torch.optim.Adam(model.potential.parameters(), lr=lr_g)
     opt_t = torch.optim.Adam([*model.tmap.parameters(), *model.pathnet.parameters()], lr=lr_map)
