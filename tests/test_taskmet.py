@@ -173,6 +173,29 @@ def test_dq_true_labels_one_random_labels_zero(problem):
     assert decision_quality(task, -y, "test") < -0.5  # anti-decisions are worse than random
 
 
+# ----------------------------------------------------------------------------- LODL
+def test_lodl_recovers_a_diagonal_quadratic_regret():
+    """Regret exactly sum_j v_j (yhat_j - y_j)^2: the fitted surrogate c (diag(w) + L L^T) / s^2
+    must be diag(v) (the diagonal part by exact least squares, nothing left for L)."""
+    from types import SimpleNamespace
+
+    from problems.taskmet.methods import fit_lodl, lodl_loss
+    g = gen(14)
+    Y = torch.rand(5, 6, 1, generator=g, dtype=D)
+    v = torch.rand(5, 6, generator=g, dtype=D) + 0.1
+
+    def objective(y, z, a):  # y, z [5 * k, 6, 1], instance-major as fit_lodl repeats them
+        return -(v.repeat_interleave(len(z) // 5, 0) * (z - y)[..., 0] ** 2).sum(-1)
+
+    task = SimpleNamespace(Y={"train": Y}, aux={"train": None}, decide_test=lambda y, a: y,
+                           objective=objective)
+    w, L, c, s = fit_lodl(task, n_samples=64, rank=3, steps=50, noise=0.5, seed=0)
+    torch.testing.assert_close(c[:, None] * w / s ** 2, v, rtol=1e-6, atol=1e-10)
+    yhat = Y + 0.1 * torch.randn(Y.shape, generator=g, dtype=D)
+    exact = float((v * (yhat - Y)[..., 0] ** 2).sum(-1).mean())
+    assert lodl_loss(yhat, Y, w, L, c, s) == pytest.approx(exact, rel=1e-2)  # L fits a zero residual
+
+
 # ----------------------------------------------------------------------------- TaskMet gradient
 def small_taskmet(wd=0.0):
     """Cubic-like: 6 instances x 8 items, linear model, scalar metric weight from a tiny MLP;
@@ -244,7 +267,8 @@ def test_cli_taskmet_json(tmp_path, monkeypatch, capsys):
     from problems.cli import main
     monkeypatch.setenv("BILEVEL_RESULTS", str(tmp_path))
     monkeypatch.setenv("BILEVEL_QUIET", "1")
-    main(["taskmet", "--problem", "cubic", "--method", "dfl", "--alpha", "10", "--wd", "0", "--quick", "--json"])
+    main(["taskmet", "--problem", "cubic", "--method", "dfl", "--alpha", "10", "--wd", "0", "--quick",
+          "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"problem", "method", "alpha", "dq", "mse", "seconds", "data"} <= set(out)
     assert out["problem"] == "cubic" and out["alpha"] == 10.0 and out["data"].startswith("synthetic")
