@@ -84,6 +84,14 @@ def _evaluate(model, graph, eval_pairs, eval_dg, chunk):
     return out
 
 
+def _far_from_cut_locus(model, max_angle=0.98 * math.pi):
+    """True when no two nodes of a sphere fit are more than max_angle apart: antipodal points are
+    conjugate, where the shooting Jacobian is singular and the log map's gradient undefined."""
+    y = model.points[0].detach()
+    y = y / y.norm(dim=1, keepdim=True)
+    return float((y @ y.T).min()) > math.cos(max_angle)
+
+
 def deep_ode_steps(conformal, x, scale, d_graph_max):
     """RK4 steps of the exp map for Deep training: 8 on the flat base; on a curved base about 1.6 per
     unit-curvature length of the longest geodesic (diameter / scale), at least 8 (the exp map's
@@ -99,8 +107,8 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
     """Fit one embedding of a Graph. Returns (result dict with the CLI's JSON fields, model).
 
     Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
-    with the lowest D_wc), mapped to a conformal chart, with the learned metric a correction (I at
-    start) of that fit's metric; 'identity': A = I and nodes from classical MDS. fitted: an optional
+    with the lowest D_wc, skipping a sphere fit with nodes more than 0.98 pi apart), mapped to a
+    conformal chart, with the learned metric a correction (I at start) of that fit's metric; 'identity': A = I and nodes from classical MDS. fitted: an optional
     dict (manifold -> (model, result)) of constant-curvature fits of the same graph, dim and seed to
     reuse."""
     t0 = time.time()
@@ -125,7 +133,11 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
                 opts = {**fit_opts, "steps": 0} if init == "identity" else fit_opts
                 base, loss0 = _fit_constant(graph, m, dim, pairs, dg, **opts)
                 fitted[m] = (base, {**_evaluate(base, graph, eval_pairs, eval_dg, 200_000), "loss_start": loss0})
-        chosen = min(cands, key=lambda m: fitted[m][1]["d_wc"])
+        usable = [m for m in cands if m != "sphere" or _far_from_cut_locus(fitted[m][0])]
+        if not usable:
+            raise ValueError("Deep from the sphere fit: some nodes are (nearly) antipodal, where the log map "
+                             "is singular (cut locus); use another --init")
+        chosen = min(usable, key=lambda m: fitted[m][1]["d_wc"])
         base, base_res = fitted[chosen]
         conformal, x0, scale = to_conformal_chart(base)
         log_steps = log_steps or deep_ode_steps(conformal, x0, scale, float(np.max(dg)))
@@ -203,16 +215,18 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None, deep=None, **opts):
-    """Runs every (graph, dim, manifold, seed); rows: best constant curvature and Deep per (graph, dim)."""
+def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None, deep=None, inits=None, **opts):
+    """Runs every (graph, dim, seed, manifold) and Deep from each init in inits (its constant-curvature
+    starts reuse the baseline fits of the same seed); rows: best constant curvature (lowest mean D_wc)
+    and Deep per init, per (graph, dim)."""
+    baselines = baselines or ["euclidean", "poincare", "lorentz", "sphere"]
+    inits = inits or ["euclidean", "best"]
     if quick:
         graphs, dims, seeds = graphs or ["tree6", "cycle10"], dims or [2], seeds or [0, 1]
-        baselines = baselines or ["euclidean", "poincare", "lorentz", "sphere"]
         deep = deep if deep is not None else [("tree6", 2)]
-        opts = {"steps": 600, "deep_steps": 20, **opts}
+        opts = {"steps": 600, "deep_steps": 10, **opts}
     else:
         graphs, dims, seeds = graphs or list(PUBLISHED), dims or list(DIMS), seeds or [0, 1, 2]
-        baselines = baselines or ["euclidean", "poincare", "lorentz", "sphere"]
         deep = deep if deep is not None else [(g, k) for g in graphs for k in dims]
     runs, substitute = [], {}
     with open(outdir / "runs.jsonl", "w") as log:
@@ -220,9 +234,13 @@ def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None,
             graph = load_graph(g)
             substitute[g] = graph.substitute
             for k in dims:
-                for m in baselines + (["deep"] if (g, k) in deep else []):
-                    for s in seeds:
-                        res, _ = embed(graph, m, k, seed=s, **opts)
+                for s in seeds:
+                    fitted = {}
+                    todo = [(m, {}) for m in baselines] + [("deep", {"init": i}) for i in inits if (g, k) in deep]
+                    for m, extra in todo:
+                        res, model = embed(graph, m, k, seed=s, fitted=fitted, **extra, **opts)
+                        if m != "deep":
+                            fitted[m] = (model, res)
                         runs.append(res)
                         log.write(json.dumps(res) + "\n")
                         log.flush()
@@ -231,10 +249,11 @@ def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None,
         for k in dims:
             pub = PUBLISHED.get(g)
             col = DIMS.index(k) if k in DIMS else None
-            by = {m: [r["d_wc"] for r in runs if (r["graph"], r["dim"], r["manifold"]) == (g, k, m)]
-                  for m in baselines + ["deep"]}
+            cell = [r for r in runs if (r["graph"], r["dim"]) == (g, k)]
+            by = {m: [r["d_wc"] for r in cell if r["manifold"] == m] for m in baselines}
+            by.update({f"deep:{i}": [r["d_wc"] for r in cell if r.get("init") == i] for i in inits})
             stats = {m: _mean_std(v) for m, v in by.items() if v and all(map(math.isfinite, v))}
-            base = {m: s for m, s in stats.items() if m != "deep"}
+            base = {m: s for m, s in stats.items() if not m.startswith("deep")}
             setting = f"{g} dim {k}" + (" (substitute)" if substitute[g] else "")
             if base:
                 m = min(base, key=lambda m: base[m][0])
@@ -246,15 +265,19 @@ def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None,
                              "published": pub[0][col] if pub and col is not None else None,
                              "mean": mean, "std": std, "manifold": m,
                              "all": {LETTER[b]: base[b][0] for b in base}})
-            if "deep" in stats:
-                mean, std = stats["deep"]
-                rows.append({"experiment": "graph-embedding", "setting": setting, "metric": "D_wc Deep",
-                             "ours": f"{mean:.3f} ± {std:.3f}",
+            for i in inits:
+                if f"deep:{i}" not in stats:
+                    continue
+                mean, std = stats[f"deep:{i}"]
+                mine = [r for r in cell if r.get("init") == i]
+                rows.append({"experiment": "graph-embedding", "setting": setting,
+                             "metric": f"D_wc Deep (init {i})",
+                             "ours": f"{mean:.3f} ± {std:.3f}"
+                             + (f" from {','.join(sorted({LETTER[r['init_manifold']] for r in mine}))}"),
                              "published": pub[2][col] if pub and col is not None else None,
-                             "mean": mean, "std": std, "manifold": "deep",
-                             "nonconverged_pairs": sum(
-                                 r["nonconverged_pairs"] for r in runs
-                                 if (r["graph"], r["dim"], r["manifold"]) == (g, k, "deep"))})
+                             "mean": mean, "std": std, "manifold": "deep", "init": i,
+                             "d_wc_start": [r["d_wc_start"] for r in mine],
+                             "nonconverged_pairs": sum(r["nonconverged_pairs"] for r in mine)})
     return rows
 
 
