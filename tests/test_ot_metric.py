@@ -182,3 +182,19 @@ def test_warm_starts_keep_the_best_candidate():
     assert torch.isfinite(best).all()
     with pytest.raises(ValueError, match="candidates"):
         warm_starts(model, x, dst, prev, ())
+
+
+def test_box_wall_adds_the_squared_distance_and_is_differentiable():
+    model, src, dst = _small_model()
+    P, n, d = src.shape[0], 3, 2
+    x = src[:, :n].reshape(-1, d)
+    free = model.objective(P)
+    model.box = torch.tensor([[-0.5, -0.5], [0.5, 0.5]], dtype=torch.float64)
+    walled = model.objective(P)
+    z = torch.randn(P * n, d * (model.n_nodes - 1), dtype=torch.float64)
+    y = z[:, :d]
+    outside = (y - y.clamp(-0.5, 0.5)).pow(2).sum(-1)
+    assert bool((outside > 0).any()) and bool((outside == 0).any())
+    p = model.params()
+    assert torch.allclose(walled(x, z, p) - free(x, z, p), 0.5 * 10.0 * outside, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda zz: walled(x, zz, p), (z.requires_grad_(),))
