@@ -18,7 +18,7 @@ SETTINGS = {
         "full": {"direct": {"epochs": 100, "batch": 50}, "lodl": {"n_samples": 256, "steps": 500,
                                                                   "noise": 0.1},
                  "taskmet": {"outer_steps": 100, "metric_lr": 1e-2, "ridge": 1e-3}},
-        "quick": {"direct": {"epochs": 25, "batch": 50}, "lodl": {"n_samples": 64, "steps": 200,
+        "quick": {"direct": {"epochs": 25, "batch": 50}, "lodl": {"n_samples": 256, "steps": 200,
                                                                    "noise": 0.1},
                   "taskmet": {"outer_steps": 20, "inner_steps": 50, "metric_lr": 1e-2, "ridge": 1e-3}},
     },
