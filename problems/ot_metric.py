@@ -341,7 +341,8 @@ def warm_starts(model, x, targets, previous=None, candidates=("previous", "amort
             yd = _discrete_c_transform(model, x, targets)
             cands.append(torch.cat([yd, model.pathnet(xf, yd.reshape(-1, d)).reshape(P, n, -1)], -1))
         if not cands:
-            raise ValueError(f"candidates must name at least one of previous, amortised, discrete, got {candidates}")
+            raise ValueError(f"candidates must name at least one of previous, amortised, discrete, "
+                             f"got {candidates}")
         z = torch.stack(cands)                                   # [C, P, n, m]
         C = z.shape[0]
         f = model.objective(P)
@@ -426,8 +427,8 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1
         zs = res.z.detach().reshape(P, batch, -1)
         cache.scatter_(1, idx[..., None].expand(-1, -1, cache.shape[-1]), zs)
         loss_t = ((model.amortised(x) - zs[..., :d]) ** 2).sum(-1).mean() / scale2
-        loss_path = ((model.pathnet(x.reshape(-1, d), zs[..., :d].reshape(-1, d)) - zs[..., d:].reshape(P * batch, -1))
-                     ** 2).sum(-1).mean() / scale2
+        pred = model.pathnet(x.reshape(-1, d), zs[..., :d].reshape(-1, d))
+        loss_path = ((pred - zs[..., d:].reshape(P * batch, -1)) ** 2).sum(-1).mean() / scale2
         opt_t.zero_grad()
         (loss_t + loss_path).backward()
         opt_t.step()
