@@ -127,10 +127,13 @@ def ratio_loss(d, d_graph):
 
 
 def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc="embed", optimizer=None,
-        lr_end=0.01):
+        lr_end=0.01, eval_every=None, eval_chunk=200_000, checks=None):
     """Train model on the ratio loss: full batch, or `batch` random pairs a step. Cosine schedule from lr
-    down to lr * lr_end. Full batch: the model ends at its lowest-loss iterate. Returns the per-step
-    losses (list of floats)."""
+    down to lr * lr_end. The model ends at its lowest-training-loss iterate: full batch, the loss of each
+    step; sampled batches, the loss on all `pairs` (no grad, distances in chunks of eval_chunk pairs)
+    before the first step, every eval_every steps (default steps // 20) and after the last.
+    checks: an optional list that gets (step, full-pair loss) of each such evaluation. Returns the
+    per-step (batch) losses (list of floats)."""
     pairs = torch.as_tensor(pairs, dtype=torch.long)
     d_graph = torch.as_tensor(d_graph, dtype=torch.float64)
     opt = optimizer or geoopt.optim.RiemannianAdam(model.parameters(), lr=lr)
@@ -139,22 +142,41 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     g = torch.Generator().manual_seed(seed)
     losses, best = [], (math.inf, None)
     full = batch is None or batch >= len(pairs)
+    eval_every = None if full else max(1, eval_every or steps // 20)
+    checks = [] if checks is None else checks
+
+    def keep(loss):
+        nonlocal best
+        if loss < best[0]:
+            best = (loss, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def check(step):
+        d, _ = all_distances(model, pairs, chunk=eval_chunk)
+        checks.append((step, float(ratio_loss(torch.as_tensor(d), d_graph))))
+        if not math.isfinite(checks[-1][1]):
+            raise FloatingPointError(f"{desc}: full loss became {checks[-1][1]} at step {step}")
+        keep(checks[-1][1])
+
     bar = progress(range(steps), desc=desc, leave=False)
-    for _ in bar:
+    for t in bar:
+        if not full and t % eval_every == 0:
+            check(t)
         idx = None if full else torch.randint(len(pairs), (batch,), generator=g)
         p, dg = (pairs, d_graph) if idx is None else (pairs[idx], d_graph[idx])
         opt.zero_grad()
         loss = ratio_loss(model(p, idx), dg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} (learning rate {lr} too large?)")
-        if full and loss.item() < best[0]:
-            best = (loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if full:
+            keep(loss.item())
         loss.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    if not full:
+        check(steps)
     if best[1] is not None:
         model.load_state_dict(best[1])
     return losses

@@ -60,6 +60,9 @@ INITS = {"identity": [], "euclidean": ["euclidean"], "poincare": ["poincare", "l
 # distance and the geodesics are long (up to ~13 units on the trees): 0.01 / 0.003 there changed the
 # metric by ~10% a step, lost log-map warm starts and raised the loss; 1e-3 / 1e-4 lowers it steadily.
 DEEP_LR = {"euclidean": (0.01, 0.003), "poincare": (1e-3, 1e-4), "sphere": (1e-3, 1e-4)}
+# Fine-tuning a converged fit on the flat base (init other than identity): 0.01 / 0.003 raised sphere100's
+# D_wc from 30.8 to 38.8 in 10 steps; a converged fit needs steps of its own (Adam: ~lr) scale.
+DEEP_FINETUNE_LR = (1e-3, 3e-4)
 
 
 def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, big):
@@ -103,14 +106,15 @@ def deep_ode_steps(conformal, x, scale, d_graph_max):
 
 def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep_steps=100,
           deep_batch=None, deep_lr=None, hidden=32, log_steps=None, eval_log_steps=None,
-          init="euclidean", fitted=None):
+          init="euclidean", fitted=None, deep_eval_every=None):
     """Fit one embedding of a Graph. Returns (result dict with the CLI's JSON fields, model).
 
     Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
     with the lowest D_wc, skipping a sphere fit with nodes more than 0.98 pi apart), mapped to a
     conformal chart, with the learned metric a correction (I at start) of that fit's metric; 'identity': A = I and nodes from classical MDS. fitted: an optional
     dict (manifold -> (model, result)) of constant-curvature fits of the same graph, dim and seed to
-    reuse."""
+    reuse. deep_eval_every: steps between Deep's full-pair loss evaluations with sampled batches (default
+    deep_steps // 5; the kept iterate is the one with the lowest, see embeddings.fit)."""
     t0 = time.time()
     torch.manual_seed(seed)
     deep = manifold == "deep"
@@ -146,16 +150,22 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
                               steps=eval_log_steps)
         at_start = _evaluate(model, graph, eval_pairs, eval_dg, 2000)  # also warm-starts every pair's log map
         model.log_opts["steps"] = log_steps
-        deep_lr = deep_lr or DEEP_LR[conformal]
+        finetune = conformal == "euclidean" and init != "identity"
+        deep_lr = deep_lr or (DEEP_FINETUNE_LR if finetune else DEEP_LR[conformal])
         opt = torch.optim.Adam([{"params": [model.z], "lr": deep_lr[0]},
                                 {"params": model.metric.parameters(), "lr": deep_lr[1]}])
+        checks = []
         fit(model, pairs, dg, steps=deep_steps, batch=deep_batch or DEEP_BATCH, seed=seed, optimizer=opt,
-            desc=f"{graph.name} deep")
+            desc=f"{graph.name} deep", eval_every=deep_eval_every or max(1, deep_steps // 5), eval_chunk=2000,
+            checks=checks)
         model.log_opts["steps"] = eval_log_steps
         start_loss = at_start["loss"]
         extra = {"init": init, "init_manifold": chosen, "init_conformal": conformal, "init_scale": scale,
                  "init_d_wc": base_res["d_wc"], "d_wc_start": at_start["d_wc"], "ode_steps": log_steps,
-                 "eval_ode_steps": eval_log_steps, "deep_steps": deep_steps}
+                 "eval_ode_steps": eval_log_steps, "deep_steps": deep_steps, "deep_lr": list(deep_lr)}
+        if checks:  # sampled batches: the full-pair training losses and the kept iterate
+            extra.update(full_losses=[[t, round(v, 8)] for t, v in checks],
+                         selected_step=min(checks, key=lambda c: c[1])[0])
     res = _evaluate(model, graph, eval_pairs, eval_dg, 2000 if deep else 200_000)
     dims = sum(k for _, k in parse_manifold(manifold, dim)) if not deep else dim
     return {
@@ -176,7 +186,8 @@ def _embed_cmd(args):
     elif dim is None:
         sys.exit("--dim is required (except for product:SPEC, whose factors give it)")
     res, model = embed(graph, manifold, dim, seed=args.seed, steps=args.steps, lr=args.lr,
-                       batch=args.batch, deep_steps=args.deep_steps, deep_batch=args.deep_batch, init=args.init)
+                       batch=args.batch, deep_steps=args.deep_steps, deep_batch=args.deep_batch, init=args.init,
+                       deep_eval_every=args.deep_eval_every)
     if args.save:
         out = results_dir(f"embed-{graph.name}-{manifold.replace(':', '_')}-d{dim}-s{args.seed}")
         save_json(res, out / "result.json")
@@ -199,6 +210,8 @@ def add_commands(sub):
     p.add_argument("--batch", type=int, help="pairs a step (default all pairs; 4096 on big graphs)")
     p.add_argument("--deep-steps", type=int, default=100, help="joint node + metric steps of Deep")
     p.add_argument("--deep-batch", type=int, help=f"pairs (log maps) a Deep step (default {DEEP_BATCH})")
+    p.add_argument("--deep-eval-every", type=int, help="with sampled Deep batches: steps between evaluations "
+                   "of the loss on all training pairs; the iterate with the lowest is kept (default deep-steps / 5)")
     p.add_argument("--init", choices=list(INITS), default="euclidean",
                    help="Deep's start: the learned metric corrects the metric of this constant-curvature fit "
                    "(poincare: the better of the Poincare and Lorentz fits; best: the lowest D_wc of all four) "

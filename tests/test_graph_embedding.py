@@ -184,6 +184,51 @@ def test_fit_lowers_the_ratio_loss_on_sampled_batches():
     assert after < 0.5 * before
 
 
+
+class _Scripted(torch.optim.Optimizer):
+    """A stub 'optimizer' that sets its one scalar parameter to the next value of a script each step."""
+
+    def __init__(self, params, values):
+        super().__init__(params, {"lr": 1.0})
+        self.values = iter(values)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.param_groups[0]["params"][0].fill_(next(self.values))
+
+
+class _Stretch(torch.nn.Module):
+    """d = d_G * (1 + w * c) with a fixed per-pair c in [0.5, 1.5]: the full loss is w^2 mean(c^2)."""
+
+    def __init__(self, dg):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        self.dg = torch.as_tensor(dg, dtype=torch.float64)
+        self.c = torch.linspace(0.5, 1.5, len(dg), dtype=torch.float64)
+
+    def forward(self, pairs, ids=None):
+        k = torch.arange(len(self.dg)) if ids is None else ids
+        return self.dg[k] * (1 + self.w * self.c[k])
+
+
+def test_sampled_fit_keeps_the_lowest_full_loss_iterate():
+    g = load_graph("tree6")
+    pairs, dg = all_pairs(g)
+    script = [0.3, 0.1, -0.05, 0.2, 0.4, 0.6]  # the loss falls, then rises to above its start
+    c2 = float((torch.linspace(0.5, 1.5, len(dg), dtype=torch.float64) ** 2).mean())
+    for every, kept in [(2, 0.1), (1, -0.05), (6, 0.5)]:
+        m, checks = _Stretch(dg), []
+        fit(m, pairs, dg, steps=6, batch=16, optimizer=_Scripted([m.w], script), eval_every=every, checks=checks)
+        assert m.w.item() == pytest.approx(kept)  # never the last iterate (0.6), whose loss is the highest
+        ws = [0.5, *script]
+        assert [t for t, _ in checks] == sorted({*range(0, 6, every), 6})
+        assert [v for _, v in checks] == pytest.approx([ws[t] ** 2 * c2 for t, _ in checks])
+    # full batch: the lowest per-step loss, as before
+    m = _Stretch(dg)
+    fit(m, pairs, dg, steps=6, optimizer=_Scripted([m.w], script))
+    assert m.w.item() == pytest.approx(-0.05)
+
+
 # ---- Deep (learned metric through the log map)
 @pytest.mark.parametrize("conformal", ["euclidean", "poincare", "sphere"])
 def test_deep_distance_gradient_matches_finite_differences(conformal):
