@@ -60,8 +60,8 @@ INITS = {"identity": [], "euclidean": ["euclidean"], "poincare": ["poincare", "l
 # distance and the geodesics are long (up to ~13 units on the trees): 0.01 / 0.003 there changed the
 # metric by ~10% a step, lost log-map warm starts and raised the loss; 1e-3 / 1e-4 lowers it steadily.
 DEEP_LR = {"euclidean": (0.01, 0.003), "poincare": (1e-3, 1e-4), "sphere": (1e-3, 1e-4)}
-# Fine-tuning a converged fit on the flat base (init other than identity): 0.01 / 0.003 raised sphere100's
-# D_wc from 30.8 to 38.8 in 10 steps; a converged fit needs steps of its own (Adam: ~lr) scale.
+# Fine-tuning a converged fit on the flat base (init other than identity). sphere100 dim 2, 100 steps, seed 0
+# (docs/graph_embedding.md): 0.01 / 0.003 lowered the loss most but took D_wc 30.8 -> 57.5; 1e-3 / 3e-4 -> 33.0.
 DEEP_FINETUNE_LR = (1e-3, 3e-4)
 
 
@@ -111,7 +111,8 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
 
     Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
     with the lowest D_wc, skipping a sphere fit with nodes more than 0.98 pi apart), mapped to a
-    conformal chart, with the learned metric a correction (I at start) of that fit's metric; 'identity': A = I and nodes from classical MDS. fitted: an optional
+    conformal chart, with the learned metric a correction (I at start) of that fit's metric; 'identity':
+    A = I and nodes from classical MDS. fitted: an optional
     dict (manifold -> (model, result)) of constant-curvature fits of the same graph, dim and seed to
     reuse. deep_eval_every: steps between Deep's full-pair loss evaluations with sampled batches (default
     deep_steps // 5; the kept iterate is the one with the lowest, see embeddings.fit)."""

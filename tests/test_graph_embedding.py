@@ -301,6 +301,18 @@ def test_short_deep_run_on_tree6_lowers_its_loss():
     assert res["loss_end"] < e["loss_end"]
 
 
+
+def test_deep_with_sampled_batches_ends_at_its_lowest_full_loss():
+    g = load_graph("tree6")  # 21 pairs, batches of 8: sampled
+    res, _ = embed(g, "deep", 2, steps=200, deep_steps=4, deep_batch=8, deep_eval_every=2, hidden=8,
+                   log_steps=4, eval_log_steps=4, deep_lr=(0.05, 0.05))
+    steps, losses = zip(*res["full_losses"])
+    assert steps == (0, 2, 4) and res["selected_step"] == steps[int(np.argmin(losses))]
+    assert min(losses) < losses[-1]  # rates large enough for the loss to rise: the last iterate is not kept
+    assert res["loss_end"] == pytest.approx(min(losses), abs=1e-8)  # the kept iterate's loss, same ODE steps
+    assert res["loss_start"] == pytest.approx(losses[0], abs=1e-8)
+
+
 # ---- CLI
 def test_embed_cli_json_contract(capsys):
     cli.main(["embed", "--graph", "cycle10", "--dim", "2", "--manifold", "sphere", "--steps", "200",
