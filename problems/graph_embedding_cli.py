@@ -95,7 +95,7 @@ def _far_from_cut_locus(model, max_angle=0.98 * math.pi):
     return float((y @ y.T).min()) > math.cos(max_angle)
 
 
-def deep_ode_steps(conformal, x, scale, d_graph_max):
+def deep_ode_steps(conformal, scale, d_graph_max):
     """RK4 steps of the exp map for Deep training: 8 on the flat base; on a curved base about 1.6 per
     unit-curvature length of the longest geodesic (diameter / scale), at least 8 (the exp map's
     relative error is then about 1e-3 or less; evaluation uses twice as many)."""
@@ -145,7 +145,7 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
         chosen = min(usable, key=lambda m: fitted[m][1]["d_wc"])
         base, base_res = fitted[chosen]
         conformal, x0, scale = to_conformal_chart(base)
-        log_steps = log_steps or deep_ode_steps(conformal, x0, scale, float(np.max(dg)))
+        log_steps = log_steps or deep_ode_steps(conformal, scale, float(np.max(dg)))
         eval_log_steps = eval_log_steps or 2 * log_steps
         model = DeepEmbedding(graph.n, dim, init=x0, hidden=hidden, seed=seed, conformal=conformal, scale=scale,
                               steps=eval_log_steps)
