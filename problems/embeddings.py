@@ -5,8 +5,9 @@ Constant curvature (geoopt manifolds, Riemannian Adam): euclidean, poincare (bal
 distance sqrt(sum of squared factor distances)). Every curved factor has a learnable scale s
 (distance s * d_unit, i.e. learnable curvature -+1/s^2 or sphere radius s).
 
-Every model maps pairs [P, 2] (node indices) to distances [P]; `fit` trains it on
-the loss mean (d / d_G - 1)^2 (Gu et al.'s default) with a cosine learning-rate schedule.
+Every model maps pairs [P, 2] (node indices) to distances [P]; `fit` trains it on a loss of LOSSES
+with a cosine learning-rate schedule: "ratio", mean (d / d_G - 1)^2 (Gu et al.'s default), or "wc",
+a smooth log worst-case distortion (smooth_log_wc) plus a small multiple of the ratio loss.
 """
 import math
 import re
@@ -126,14 +127,48 @@ def ratio_loss(d, d_graph):
     return ((d / d_graph - 1) ** 2).mean()
 
 
+def smooth_log_wc(d, d_graph, tau):
+    """Smooth log D_wc: tau * logsumexp(log r / tau) + tau * logsumexp(-log r / tau) over the pairs,
+    r = d / d_G. Each term is a soft maximum, so log D_wc <= smooth_log_wc <= log D_wc + 2 tau log P
+    (P pairs), and it tends to log D_wc = log max r + log max 1/r as tau -> 0."""
+    if tau <= 0:
+        raise ValueError(f"smooth_log_wc needs tau > 0, got {tau}")
+    log_r = torch.log(d) - torch.log(d_graph)
+    return tau * (torch.logsumexp(log_r / tau, 0) + torch.logsumexp(-log_r / tau, 0))
+
+
+WC_TAU = 0.003
+WC_RATIO_WEIGHT = 0.1
+
+
+def wc_loss(d, d_graph):
+    """smooth_log_wc(tau = WC_TAU) + WC_RATIO_WEIGHT * ratio_loss: the worst pairs set the first term;
+    the second gives every other pair a signal (and fixes the scale, to which D_wc is blind)."""
+    return smooth_log_wc(d, d_graph, WC_TAU) + WC_RATIO_WEIGHT * ratio_loss(d, d_graph)
+
+
+LOSSES = {"ratio": ratio_loss, "wc": wc_loss}
+
+
+def get_loss(name):
+    """The loss function (d, d_G) -> scalar named by name (a key of LOSSES)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose from {list(LOSSES)}")
+    return LOSSES[name]
+
+
 def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc="embed", optimizer=None,
-        lr_end=0.01, eval_every=None, eval_chunk=200_000, checks=None):
-    """Train model on the ratio loss: full batch, or `batch` random pairs a step. Cosine schedule from lr
-    down to lr * lr_end. The model ends at its lowest-training-loss iterate: full batch, the loss of each
-    step; sampled batches, the loss on all `pairs` (no grad, distances in chunks of eval_chunk pairs)
-    before the first step, every eval_every steps (default steps // 20) and after the last.
-    checks: an optional list that gets (step, full-pair loss) of each such evaluation. Returns the
-    per-step (batch) losses (list of floats)."""
+        lr_end=0.01, eval_every=None, eval_chunk=200_000, checks=None, loss="ratio", hard=0):
+    """Train model on the loss named by loss (LOSSES): full batch, or `batch` random pairs a step.
+    Cosine schedule from lr down to lr * lr_end. The model ends at its lowest-training-loss iterate: full
+    batch, the loss of each step; sampled batches, the loss on all `pairs` (no grad, distances in chunks
+    of eval_chunk pairs) before the first step, every eval_every steps (default steps // 20) and after
+    the last. checks: an optional list that gets (step, full-pair loss) of each such evaluation. Returns
+    the per-step (batch) losses (list of floats). With sampled batches the "wc" loss of a batch is a
+    biased (low) estimate of the full-pair one; the selection uses the full-pair loss, and hard > 0
+    puts in every batch the hard // 2 most stretched and hard - hard // 2 most contracted pairs (d / d_G)
+    of the last full-pair evaluation, the rest drawn at random."""
+    loss_fn = get_loss(loss)
     pairs = torch.as_tensor(pairs, dtype=torch.long)
     d_graph = torch.as_tensor(d_graph, dtype=torch.float64)
     opt = optimizer or geoopt.optim.RiemannianAdam(model.parameters(), lr=lr)
@@ -144,6 +179,9 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     full = batch is None or batch >= len(pairs)
     eval_every = None if full else max(1, eval_every or steps // 20)
     checks = [] if checks is None else checks
+    worst = torch.zeros(0, dtype=torch.long)
+    if hard and not full and not 0 < hard < batch:
+        raise ValueError(f"hard pairs a batch must be in [0, batch = {batch}), got {hard}")
 
     def keep(loss):
         nonlocal best
@@ -151,8 +189,13 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
             best = (loss, {k: v.detach().clone() for k, v in model.state_dict().items()})
 
     def check(step):
+        nonlocal worst
         d, _ = all_distances(model, pairs, chunk=eval_chunk)
-        checks.append((step, float(ratio_loss(torch.as_tensor(d), d_graph))))
+        d = torch.as_tensor(d)
+        checks.append((step, float(loss_fn(d, d_graph))))
+        if hard:
+            order = torch.argsort(torch.log(d) - torch.log(d_graph))
+            worst = torch.cat([order[len(order) - hard // 2:], order[:hard - hard // 2]])
         if not math.isfinite(checks[-1][1]):
             raise FloatingPointError(f"{desc}: full loss became {checks[-1][1]} at step {step}")
         keep(checks[-1][1])
@@ -161,10 +204,10 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     for t in bar:
         if not full and t % eval_every == 0:
             check(t)
-        idx = None if full else torch.randint(len(pairs), (batch,), generator=g)
+        idx = None if full else torch.cat([worst, torch.randint(len(pairs), (batch - len(worst),), generator=g)])
         p, dg = (pairs, d_graph) if idx is None else (pairs[idx], d_graph[idx])
         opt.zero_grad()
-        loss = ratio_loss(model(p, idx), dg)
+        loss = loss_fn(model(p, idx), dg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} (learning rate {lr} too large?)")
         if full:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .distortion import distortion, mean_average_precision
-from .embeddings import (ConstantCurvature, DeepEmbedding, all_distances, fit, parse_manifold, ratio_loss,
-                         to_conformal_chart)
+from .embeddings import (LOSSES, WC_RATIO_WEIGHT, WC_TAU, ConstantCurvature, DeepEmbedding, all_distances, fit,
+                         get_loss, parse_manifold, to_conformal_chart)
 from .graphs import BUILTINS, REAL, all_pairs, load_graph, sample_pairs, shortest_paths
 from .registry import register
 from .report import emit, results_dir, save_json
@@ -65,16 +65,35 @@ DEEP_LR = {"euclidean": (0.01, 0.003), "poincare": (1e-3, 1e-4), "sphere": (1e-3
 DEEP_FINETUNE_LR = (1e-3, 3e-4)
 
 
-def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, big):
+# loss "wc": the constant-curvature fit on the ratio loss is fine-tuned on the wc loss for WC_STEPS steps
+# from learning rate WC_LR (cosine schedule)
+WC_STEPS = 2000
+WC_LR = 0.01
+# loss "wc" with sampled batches: this fraction of each batch is the most stretched / contracted pairs of the
+# last full-pair evaluation (a random batch mostly misses the few pairs that set D_wc)
+WC_HARD = 0.2
+
+
+def _hard(loss, batch):
+    return int(WC_HARD * batch) if loss == "wc" and batch else 0
+
+
+def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, big, loss="ratio", wc_steps=None,
+                  wc_lr=None):
+    """A constant-curvature fit on the ratio loss (steps at lr); loss "wc": then fine-tuned on the wc loss
+    (wc_steps at wc_lr). Returns (model, training loss (named by loss) at the start of its last phase)."""
     factors = parse_manifold(manifold, dim)
     model = ConstantCurvature(graph.n, factors, None if big else shortest_paths(graph), seed=seed)
     losses = fit(model, pairs, dg, steps=steps, lr=lr, batch=batch, seed=seed,
                  desc=f"{graph.name} {manifold}") if steps else [math.nan]
+    if loss != "ratio" and steps:
+        losses = fit(model, pairs, dg, steps=wc_steps or WC_STEPS, lr=wc_lr or WC_LR, batch=batch, seed=seed,
+                     desc=f"{graph.name} {manifold} {loss}", loss=loss, hard=_hard(loss, batch))
     return model, losses[0]
 
 
-def _evaluate(model, graph, eval_pairs, eval_dg, chunk):
-    """D_wc, D_avg, mAP (all pairs only), ratio loss and non-converged pairs of a model."""
+def _evaluate(model, graph, eval_pairs, eval_dg, chunk, loss="ratio"):
+    """D_wc, D_avg, mAP (all pairs only), training loss (named by loss) and non-converged pairs of a model."""
     d, nonconv = all_distances(model, eval_pairs, chunk=chunk)
     out = distortion(d, eval_dg)
     out["map"] = None
@@ -82,7 +101,7 @@ def _evaluate(model, graph, eval_pairs, eval_dg, chunk):
         full = np.zeros((graph.n, graph.n))
         full[eval_pairs[:, 0], eval_pairs[:, 1]] = d
         out["map"] = mean_average_precision(full + full.T, graph.adjacency())
-    out["loss"] = float(ratio_loss(torch.as_tensor(d), torch.as_tensor(eval_dg)))
+    out["loss"] = float(get_loss(loss)(torch.as_tensor(d), torch.as_tensor(eval_dg)))
     out["nonconverged_pairs"] = nonconv
     return out
 
@@ -106,17 +125,22 @@ def deep_ode_steps(conformal, scale, d_graph_max):
 
 def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep_steps=100,
           deep_batch=None, deep_lr=None, hidden=32, log_steps=None, eval_log_steps=None,
-          init="euclidean", fitted=None, deep_eval_every=None):
+          init="euclidean", fitted=None, deep_eval_every=None, loss="ratio", wc_steps=None, wc_lr=None):
     """Fit one embedding of a Graph. Returns (result dict with the CLI's JSON fields, model).
+
+    loss: the training loss (embeddings.LOSSES), for every model: "ratio", or "wc" (constant-curvature
+    fits on the ratio loss, then wc_steps more on the wc loss from wc_lr; Deep starts from such a fit and
+    trains on the wc loss); the selection of the kept iterate uses the same loss.
 
     Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
     with the lowest D_wc, skipping a sphere fit with nodes more than 0.98 pi apart), mapped to a
     conformal chart, with the learned metric a correction (I at start) of that fit's metric; 'identity':
-    A = I and nodes from classical MDS. fitted: an optional
-    dict (manifold -> (model, result)) of constant-curvature fits of the same graph, dim and seed to
-    reuse. deep_eval_every: steps between Deep's full-pair loss evaluations with sampled batches (default
-    deep_steps // 5; the kept iterate is the one with the lowest, see embeddings.fit)."""
+    A = I and nodes from classical MDS. fitted: an optional dict (manifold -> (model, result)) of
+    constant-curvature fits of the same graph, dim, seed and loss to reuse. deep_eval_every: steps
+    between Deep's full-pair loss evaluations with sampled batches (default deep_steps // 5; the kept
+    iterate is the one with the lowest, see embeddings.fit)."""
     t0 = time.time()
+    get_loss(loss)  # an unknown name fails here, before any training
     torch.manual_seed(seed)
     deep = manifold == "deep"
     big = graph.n * (graph.n - 1) // 2 > ALL_PAIRS_MAX
@@ -124,7 +148,7 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
     if batch is None and big:
         batch = 4096
     steps = steps or (5000 if big else 3000)
-    fit_opts = dict(seed=seed, steps=steps, lr=lr, batch=batch, big=big)
+    fit_opts = dict(seed=seed, steps=steps, lr=lr, batch=batch, big=big, loss=loss, wc_steps=wc_steps, wc_lr=wc_lr)
     extra = {}
     if not deep:
         model, start_loss = _fit_constant(graph, manifold, dim, pairs, dg, **fit_opts)
@@ -137,7 +161,7 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
             if m not in fitted:
                 opts = {**fit_opts, "steps": 0} if init == "identity" else fit_opts
                 base, loss0 = _fit_constant(graph, m, dim, pairs, dg, **opts)
-                fitted[m] = (base, {**_evaluate(base, graph, eval_pairs, eval_dg, 200_000), "loss_start": loss0})
+                fitted[m] = (base, {**_evaluate(base, graph, eval_pairs, eval_dg, 200_000, loss), "loss_start": loss0})
         usable = [m for m in cands if m != "sphere" or _far_from_cut_locus(fitted[m][0])]
         if not usable:
             raise ValueError("Deep from the sphere fit: some nodes are (nearly) antipodal, where the log map "
@@ -149,16 +173,16 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
         eval_log_steps = eval_log_steps or 2 * log_steps
         model = DeepEmbedding(graph.n, dim, init=x0, hidden=hidden, seed=seed, conformal=conformal, scale=scale,
                               steps=eval_log_steps)
-        at_start = _evaluate(model, graph, eval_pairs, eval_dg, 2000)  # also warm-starts every pair's log map
+        at_start = _evaluate(model, graph, eval_pairs, eval_dg, 2000, loss)  # also warm-starts every pair's log map
         model.log_opts["steps"] = log_steps
         finetune = conformal == "euclidean" and init != "identity"
         deep_lr = deep_lr or (DEEP_FINETUNE_LR if finetune else DEEP_LR[conformal])
         opt = torch.optim.Adam([{"params": [model.z], "lr": deep_lr[0]},
                                 {"params": model.metric.parameters(), "lr": deep_lr[1]}])
-        checks = []
-        fit(model, pairs, dg, steps=deep_steps, batch=deep_batch or DEEP_BATCH, seed=seed, optimizer=opt,
-            desc=f"{graph.name} deep", eval_every=deep_eval_every or max(1, deep_steps // 5), eval_chunk=2000,
-            checks=checks)
+        checks, deep_batch = [], deep_batch or DEEP_BATCH
+        fit(model, pairs, dg, steps=deep_steps, batch=deep_batch, seed=seed, optimizer=opt, desc=f"{graph.name} deep",
+            eval_every=deep_eval_every or max(1, deep_steps // 5), eval_chunk=2000, checks=checks, loss=loss,
+            hard=_hard(loss, deep_batch))
         model.log_opts["steps"] = eval_log_steps
         start_loss = at_start["loss"]
         extra = {"init": init, "init_manifold": chosen, "init_conformal": conformal, "init_scale": scale,
@@ -167,11 +191,11 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
         if checks:  # sampled batches: the full-pair training losses and the kept iterate
             extra.update(full_losses=[[t, round(v, 8)] for t, v in checks],
                          selected_step=min(checks, key=lambda c: c[1])[0])
-    res = _evaluate(model, graph, eval_pairs, eval_dg, 2000 if deep else 200_000)
+    res = _evaluate(model, graph, eval_pairs, eval_dg, 2000 if deep else 200_000, loss)
     dims = sum(k for _, k in parse_manifold(manifold, dim)) if not deep else dim
     return {
         "graph": graph.name, "nodes": graph.n, "edges": int(len(graph.edges)), "dim": dims,
-        "manifold": manifold, "seed": seed, "d_wc": res["d_wc"], "d_avg": res["d_avg"], "map": res["map"],
+        "manifold": manifold, "seed": seed, "loss": loss, "d_wc": res["d_wc"], "d_avg": res["d_avg"], "map": res["map"],
         "loss_start": start_loss, "loss_end": res["loss"],
         "seconds": round(time.time() - t0, 2), "nonconverged_pairs": res["nonconverged_pairs"],
         "eval_pairs": int(len(eval_pairs)), "substitute": graph.substitute, "note": graph.note, **extra,
@@ -188,7 +212,7 @@ def _embed_cmd(args):
         sys.exit("--dim is required (except for product:SPEC, whose factors give it)")
     res, model = embed(graph, manifold, dim, seed=args.seed, steps=args.steps, lr=args.lr,
                        batch=args.batch, deep_steps=args.deep_steps, deep_batch=args.deep_batch, init=args.init,
-                       deep_eval_every=args.deep_eval_every)
+                       deep_eval_every=args.deep_eval_every, loss=args.loss, wc_steps=args.wc_steps, wc_lr=args.wc_lr)
     if args.save:
         out = results_dir(f"embed-{graph.name}-{manifold.replace(':', '_')}-d{dim}-s{args.seed}")
         save_json(res, out / "result.json")
@@ -218,6 +242,14 @@ def add_commands(sub):
                    "(poincare: the better of the Poincare and Lorentz fits; best: the lowest D_wc of all four) "
                    "and the nodes start at its embedding; identity: A = I, nodes from classical MDS "
                    "(default euclidean: the Euclidean fit, A = I)")
+    p.add_argument("--loss", choices=list(LOSSES), default="ratio",
+                   help="training loss of every model: ratio, mean (d/d_G - 1)^2; wc, a smooth log worst-case "
+                   f"distortion (tau {WC_TAU}) plus {WC_RATIO_WEIGHT} x ratio (constant-curvature fits: ratio, "
+                   "then --wc-steps on wc; Deep starts from such a fit and trains on wc); also the loss that "
+                   "selects the kept iterate")
+    p.add_argument("--wc-steps", type=int, help=f"--loss wc: steps on the wc loss after the ratio fit "
+                   f"(default {WC_STEPS})")
+    p.add_argument("--wc-lr", type=float, help=f"--loss wc: their initial learning rate (default {WC_LR})")
     p.add_argument("--largest-component", action="store_true", help="embed the largest component of a "
                    "disconnected graph (otherwise an error)")
     p.add_argument("--save", action="store_true", help="write result.json and model.pt to a results folder")
@@ -225,20 +257,25 @@ def add_commands(sub):
     p.set_defaults(func=_embed_cmd)
 
 
+# the loss of every model in `bilevel reproduce graph-embedding` (docs/graph_embedding.md: measured)
+REPRODUCE_LOSS = "wc"
+
+
 def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None, deep=None, inits=None, **opts):
+def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None, deep=None, inits=None,
+              loss=REPRODUCE_LOSS, **opts):
     """Runs every (graph, dim, seed, manifold) and Deep from each init in inits (its constant-curvature
-    starts reuse the baseline fits of the same seed); rows: best constant curvature (lowest mean D_wc)
-    and Deep per init, per (graph, dim)."""
+    starts reuse the baseline fits of the same seed), every model trained on loss; rows: best constant
+    curvature (lowest mean D_wc) and Deep per init, per (graph, dim)."""
     baselines = baselines or ["euclidean", "poincare", "lorentz", "sphere"]
     inits = inits or ["euclidean", "best"]
     if quick:
         graphs, dims, seeds = graphs or ["tree6", "cycle10"], dims or [2], seeds or [0, 1]
         deep = deep if deep is not None else [("tree6", 2)]
-        opts = {"steps": 600, "deep_steps": 10, **opts}
+        opts = {"steps": 600, "wc_steps": 600, "deep_steps": 10, **opts}
     else:
         graphs, dims, seeds = graphs or list(PUBLISHED), dims or list(DIMS), seeds or [0, 1, 2]
         deep = deep if deep is not None else [(g, k) for g in graphs for k in dims]
@@ -252,7 +289,7 @@ def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None,
                     fitted = {}
                     todo = [(m, {}) for m in baselines] + [("deep", {"init": i}) for i in inits if (g, k) in deep]
                     for m, extra in todo:
-                        res, model = embed(graph, m, k, seed=s, fitted=fitted, **extra, **opts)
+                        res, model = embed(graph, m, k, seed=s, fitted=fitted, loss=loss, **extra, **opts)
                         if m != "deep":
                             fitted[m] = (model, res)
                         runs.append(res)
@@ -268,11 +305,11 @@ def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None,
             by.update({f"deep:{i}": [r["d_wc"] for r in cell if r.get("init") == i] for i in inits})
             stats = {m: _mean_std(v) for m, v in by.items() if v and all(map(math.isfinite, v))}
             base = {m: s for m, s in stats.items() if not m.startswith("deep")}
-            setting = f"{g} dim {k}" + (" (substitute)" if substitute[g] else "")
+            setting = f"{g} dim {k}, {loss} loss" + (" (substitute)" if substitute[g] else "")
             if base:
                 m = min(base, key=lambda m: base[m][0])
                 mean, std = base[m]
-                rows.append({"experiment": "graph-embedding", "setting": setting,
+                rows.append({"experiment": "graph-embedding", "setting": setting, "loss": loss,
                              "metric": "D_wc best constant curvature"
                              + (f" (talk: {pub[1][col]})" if pub and col is not None else ""),
                              "ours": f"{mean:.3f} ± {std:.3f} ({LETTER.get(m, m)})",
@@ -284,7 +321,7 @@ def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None,
                     continue
                 mean, std = stats[f"deep:{i}"]
                 mine = [r for r in cell if r.get("init") == i]
-                rows.append({"experiment": "graph-embedding", "setting": setting,
+                rows.append({"experiment": "graph-embedding", "setting": setting, "loss": loss,
                              "metric": f"D_wc Deep (init {i})",
                              "ours": f"{mean:.3f} ± {std:.3f}"
                              + (f" from {','.join(sorted({LETTER[r['init_manifold']] for r in mine}))}"),

@@ -12,7 +12,7 @@ import bilevel
 from problems import cli, graphs
 from problems.distortion import distortion, mean_average_precision
 from problems.embeddings import (ConstantCurvature, DeepEmbedding, chart_params, chart_points, fit, parse_manifold,
-                                 ratio_loss, to_conformal_chart)
+                                 ratio_loss, smooth_log_wc, to_conformal_chart, wc_loss)
 from problems.graph_embedding_cli import embed
 from problems.graphs import all_pairs, from_edges, load_edgelist, load_graph, sample_pairs, shortest_paths
 from solvers.metric import poincare_distance, sphere_distance
@@ -185,6 +185,44 @@ def test_fit_lowers_the_ratio_loss_on_sampled_batches():
 
 
 
+# ---- the smooth worst-case distortion loss
+def test_smooth_log_wc_bounds_the_exact_log_wc_and_tends_to_it():
+    g = torch.Generator().manual_seed(0)
+    dg = torch.randint(1, 6, (50,), generator=g).double()
+    d = dg * torch.exp(0.3 * torch.randn(50, generator=g, dtype=torch.float64))
+    exact = math.log(distortion(d.numpy(), dg.numpy())["d_wc"])
+    gaps = []
+    for tau in (0.3, 0.1, 0.03, 0.01, 0.003, 1e-4):
+        s = smooth_log_wc(d, dg, tau).item()
+        assert exact <= s + 1e-12 <= exact + 2 * tau * math.log(50) + 1e-12, tau
+        gaps.append(s - exact)
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-3 * gaps[0]
+    # scale-free: a uniform scaling of d changes neither D_wc nor the smooth term
+    assert smooth_log_wc(3 * d, dg, 0.01).item() == pytest.approx(smooth_log_wc(d, dg, 0.01).item(), abs=1e-12)
+    with pytest.raises(ValueError, match="tau > 0"):
+        smooth_log_wc(d, dg, 0.0)
+
+
+def test_wc_loss_gradient_float64():
+    g = torch.Generator().manual_seed(1)
+    dg = torch.randint(1, 5, (12,), generator=g).double()
+    d = (dg * (1 + 0.2 * torch.rand(12, generator=g, dtype=torch.float64))).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: smooth_log_wc(x, dg, 0.05), (d,))
+    assert torch.autograd.gradcheck(lambda x: wc_loss(x, dg), (d,))
+
+
+def test_fit_with_the_wc_loss_lowers_d_wc():
+    g = load_graph("tree6")
+    ratio, _ = embed(g, "lorentz", 2, steps=300)
+    wc, _ = embed(g, "lorentz", 2, steps=300, loss="wc", wc_steps=300)
+    assert ratio["loss"] == "ratio" and wc["loss"] == "wc"
+    # the wc phase starts from the same ratio fit and keeps its lowest-wc-loss iterate
+    assert wc["d_wc"] < ratio["d_wc"] - 0.01 and wc["loss_end"] <= wc["loss_start"]
+    assert math.log(wc["d_wc"]) <= wc["loss_end"] <= math.log(wc["d_wc"]) + 0.05  # smooth upper bound + 0.1 ratio
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        embed(g, "lorentz", 2, steps=10, loss="l1")
+
+
 class _Scripted(torch.optim.Optimizer):
     """A stub 'optimizer' that sets its one scalar parameter to the next value of a script each step."""
 
@@ -223,10 +261,32 @@ def test_sampled_fit_keeps_the_lowest_full_loss_iterate():
         ws = [0.5, *script]
         assert [t for t, _ in checks] == sorted({*range(0, 6, every), 6})
         assert [v for _, v in checks] == pytest.approx([ws[t] ** 2 * c2 for t, _ in checks])
+    # the wc loss: the evaluations use it too
+    m, checks = _Stretch(dg), []
+    fit(m, pairs, dg, steps=6, batch=16, optimizer=_Scripted([m.w], script), eval_every=2, checks=checks, loss="wc")
+    assert min(v for _, v in checks) == pytest.approx(wc_loss(m(pairs), torch.as_tensor(dg)).item())
     # full batch: the lowest per-step loss, as before
     m = _Stretch(dg)
     fit(m, pairs, dg, steps=6, optimizer=_Scripted([m.w], script))
     assert m.w.item() == pytest.approx(-0.05)
+
+
+def test_wc_batches_carry_the_worst_pairs_of_the_last_evaluation():
+    g = load_graph("tree6")
+    pairs, dg = all_pairs(g)
+    seen = []
+
+    class Recorder(_Stretch):
+        def forward(self, pairs, ids=None):
+            if ids is not None:
+                seen.append(set(ids[:4].tolist()))
+            return super().forward(pairs, ids)
+
+    m = Recorder(dg)  # d / d_G = 1 + w c, c increasing with the pair index, w > 0 throughout
+    fit(m, pairs, dg, steps=3, batch=8, lr=0.01, loss="wc", hard=4, eval_every=1)
+    assert m.w.item() > 0 and seen == [{19, 20, 0, 1}] * 3  # the 2 most stretched and 2 most contracted
+    with pytest.raises(ValueError, match="hard pairs"):
+        fit(m, pairs, dg, steps=1, batch=8, loss="wc", hard=8)
 
 
 # ---- Deep (learned metric through the log map)
