@@ -221,6 +221,30 @@ def chart_params(x, conformal):
     return torch.where(small, 2 * x, x * (g / rs))
 
 
+def sphere_angles(z):
+    """Node parameters z [n, d] of the sphere chart (|z| = angle from the chart's origin point, see
+    chart_points) -> pairwise angles [n, n] on the unit sphere S^d."""
+    r = z.norm(dim=-1, keepdim=True)
+    u = z / r.clamp_min(1e-12)
+    y = torch.cat([torch.cos(r), torch.sin(r) * u], dim=-1)
+    return torch.arccos((y @ y.T).clamp(-1.0, 1.0))
+
+
+def pull_from_cut_locus(z, max_angle=0.99 * math.pi,
+                        shrink=(0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4)):
+    """Sphere chart parameters z [n, d] -> ((1 - delta) z, delta): every node's angle from the chart's
+    origin shrunk by the first delta in shrink (0 if none is needed) that leaves no two nodes more than
+    max_angle apart. Antipodal nodes are conjugate points, where the shooting Jacobian is singular;
+    near-antipodal ones are reachable along the geodesic through the origin. Raises ValueError when
+    no delta in shrink suffices."""
+    for delta in (0.0, *shrink):
+        zc = (1 - delta) * z
+        if float(sphere_angles(zc).max()) <= max_angle:
+            return zc, delta
+    raise ValueError(f"the sphere fit's nodes stay more than {max_angle:.3f} rad apart after shrinking "
+                     f"their angles by {shrink[-1]}")
+
+
 def stereographic_pole(y, n_candidates=4000, seed=0):
     """A unit vector of R^(d+1) far from every point of y [n, d+1] on the unit sphere (the largest
     smallest angle among the antipodes of the points and seeded random directions)."""

@@ -12,7 +12,7 @@ import bilevel
 from problems import cli, graphs
 from problems.distortion import distortion, mean_average_precision
 from problems.embeddings import (ConstantCurvature, DeepEmbedding, chart_params, chart_points, fit, parse_manifold,
-                                 ratio_loss, to_conformal_chart)
+                                 pull_from_cut_locus, ratio_loss, sphere_angles, to_conformal_chart)
 from problems.graph_embedding_cli import embed
 from problems.graphs import all_pairs, from_edges, load_edgelist, load_graph, sample_pairs, shortest_paths
 from solvers.metric import poincare_distance, sphere_distance
@@ -281,11 +281,51 @@ def test_deep_from_a_hyperbolic_fit_starts_at_its_distances():
     assert float(((d - ref).abs() / ref).max()) <= 1e-4
 
 
+def test_sphere_angles_closed_form():
+    a, b = 1.0, 2.5
+    z = torch.tensor([[0.0, 0.0], [a, 0.0], [-b, 0.0], [0.0, b]], dtype=torch.float64)
+    ang = sphere_angles(z)
+    assert ang[0, 1].item() == pytest.approx(a) and ang[0, 2].item() == pytest.approx(b)
+    assert ang[1, 2].item() == pytest.approx(2 * math.pi - a - b)  # the short way round, past the far pole
+    assert ang[1, 3].item() == pytest.approx(math.acos(math.cos(a) * math.cos(b)))  # spherical Pythagoras
+    assert torch.allclose(ang, ang.T) and float(ang.diagonal().abs().max()) < 1e-6
+
+
+def test_pull_from_cut_locus():
+    """Ten nodes on a great circle (cycle10's sphere fit): antipodal pairs are pulled to at most max_angle
+    by the smallest listed shrink; nodes already clear are left alone; an impossible case is an error."""
+    t = torch.arange(10, dtype=torch.float64) * 2 * math.pi / 10
+    z = math.pi / 2 * torch.stack([t.cos(), t.sin(), 0 * t], 1)
+    assert sphere_angles(z).max().item() == pytest.approx(math.pi)
+    zc, delta = pull_from_cut_locus(z, max_angle=0.99 * math.pi, shrink=(0.005, 0.02, 0.1))
+    assert delta == 0.02 and torch.allclose(zc, 0.98 * z)
+    assert sphere_angles(zc).max().item() <= 0.99 * math.pi
+    same, zero = pull_from_cut_locus(0.5 * z)
+    assert zero == 0.0 and torch.equal(same, 0.5 * z)
+    with pytest.raises(ValueError, match="apart after shrinking"):
+        pull_from_cut_locus(z, shrink=(0.001,))
+
+
+def test_deep_from_a_sphere_fit_with_antipodal_nodes():
+    """cycle10's sphere fit puts opposite nodes at angle pi (cut locus). Deep starts from it pulled off the
+    cut locus: every log map converges and its distances give the closed-form D_wc of the pulled nodes,
+    which is far below the Euclidean fit's."""
+    g = load_graph("cycle10")
+    res, _ = embed(g, "deep", 2, steps=1000, deep_steps=1, init="sphere", hidden=8)
+    assert res["init_manifold"] == "sphere" and res["init_d_wc"] < 1.01 and res["init_shrink"] > 0
+    assert res["nonconverged_pairs"] == 0
+    assert res["d_wc_start"] == pytest.approx(res["init_start_d_wc"], rel=1e-4)
+    e, _ = embed(g, "euclidean", 2, steps=1000)
+    assert res["d_wc"] < 1.1 < e["d_wc"]
+
+
 def test_deep_init_best_reports_its_start():
     g = load_graph("tree6")
     res, model = embed(g, "deep", 2, steps=300, deep_steps=2, init="best", hidden=8)
     assert res["init_manifold"] in ("euclidean", "poincare", "lorentz", "sphere")
-    assert res["d_wc_start"] == pytest.approx(res["init_d_wc"], rel=1e-4)
+    assert res["d_wc_start"] == pytest.approx(res["init_start_d_wc"], rel=1e-4)
+    if res["init_shrink"] == 0:
+        assert res["init_start_d_wc"] == res["init_d_wc"]
     assert res["nonconverged_pairs"] == 0 and res["loss_end"] <= res["loss_start"] * (1 + 1e-4)
     with pytest.raises(ValueError, match="unknown Deep init"):
         embed(g, "deep", 2, steps=10, init="hyperbolic")
