@@ -132,6 +132,8 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     down to lr * lr_end. The model ends at its lowest-training-loss iterate: full batch, the loss of each
     step; sampled batches, the loss on all `pairs` (no grad, distances in chunks of eval_chunk pairs)
     before the first step, every eval_every steps (default steps // 20) and after the last.
+    An iterate with a non-converged distance (model.last_nonconverged > 0, e.g. a Deep log map) is never
+    kept. After each step a model with a `project` method is projected onto its feasible set.
     checks: an optional list that gets (step, full-pair loss) of each such evaluation. Returns the
     per-step (batch) losses (list of floats)."""
     pairs = torch.as_tensor(pairs, dtype=torch.long)
@@ -145,17 +147,17 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     eval_every = None if full else max(1, eval_every or steps // 20)
     checks = [] if checks is None else checks
 
-    def keep(loss):
+    def keep(loss, nonconverged):
         nonlocal best
-        if loss < best[0]:
+        if nonconverged == 0 and loss < best[0]:
             best = (loss, {k: v.detach().clone() for k, v in model.state_dict().items()})
 
     def check(step):
-        d, _ = all_distances(model, pairs, chunk=eval_chunk)
+        d, bad = all_distances(model, pairs, chunk=eval_chunk)
         checks.append((step, float(ratio_loss(torch.as_tensor(d), d_graph))))
         if not math.isfinite(checks[-1][1]):
             raise FloatingPointError(f"{desc}: full loss became {checks[-1][1]} at step {step}")
-        keep(checks[-1][1])
+        keep(checks[-1][1], bad)
 
     bar = progress(range(steps), desc=desc, leave=False)
     for t in bar:
@@ -168,9 +170,11 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} (learning rate {lr} too large?)")
         if full:
-            keep(loss.item())
+            keep(loss.item(), getattr(model, "last_nonconverged", 0))
         loss.backward()
         opt.step()
+        if hasattr(model, "project"):
+            model.project()
         sched.step()
         losses.append(loss.item())
         if len(losses) % 50 == 0:
@@ -308,6 +312,12 @@ class DeepEmbedding(nn.Module):
     def x(self):
         """Node coordinates [n, d] in the metric's chart."""
         return chart_points(self.z, self.conformal)
+
+    @torch.no_grad()
+    def project(self):
+        """On the sphere base, keep nodes off the cut locus (pull_from_cut_locus) after each step."""
+        if self.conformal == "sphere":
+            self.z.copy_(pull_from_cut_locus(self.z)[0])
 
     def base_log(self, x, y):
         """Closed-form log map of the base metric (the learned metric at initialisation)."""

@@ -229,6 +229,36 @@ def test_sampled_fit_keeps_the_lowest_full_loss_iterate():
     assert m.w.item() == pytest.approx(-0.05)
 
 
+class _StretchWithFailures(_Stretch):
+    """_Stretch whose distances count as non-converged while |w| < 0.08."""
+
+    def forward(self, pairs, ids=None):
+        self.last_nonconverged = int(abs(self.w.item()) < 0.08)
+        return super().forward(pairs, ids)
+
+
+def test_fit_never_keeps_an_iterate_with_nonconverged_distances():
+    g = load_graph("tree6")
+    pairs, dg = all_pairs(g)
+    script = [0.3, 0.1, -0.05, 0.2, 0.4, 0.6]  # the lowest loss (-0.05) is an iterate that did not converge
+    for batch in (None, 16):
+        m = _StretchWithFailures(dg)
+        fit(m, pairs, dg, steps=6, batch=batch, optimizer=_Scripted([m.w], script), eval_every=1)
+        assert m.w.item() == pytest.approx(0.1)
+
+
+def test_deep_on_the_sphere_base_stays_off_the_cut_locus():
+    """The loss at scale 1.5 wants cycle10's opposite nodes 3.3 rad apart: from 0.989 pi they are projected
+    back to at most 0.99 pi after each step (every iterate fit may keep)."""
+    g = load_graph("cycle10")
+    p, dg = all_pairs(g)
+    t = torch.arange(10, dtype=torch.float64) * 2 * math.pi / 10
+    z = 0.989 * math.pi / 2 * torch.stack([t.cos(), t.sin()], 1)
+    m = DeepEmbedding(g.n, 2, init=chart_points(z, "sphere"), conformal="sphere", scale=1.5, hidden=4, steps=8)
+    fit(m, p, dg, steps=4, optimizer=torch.optim.Adam([m.z], lr=0.01))
+    assert float(sphere_angles(m.z.detach()).max()) <= 0.99 * math.pi + 1e-9
+
+
 # ---- Deep (learned metric through the log map)
 @pytest.mark.parametrize("conformal", ["euclidean", "poincare", "sphere"])
 def test_deep_distance_gradient_matches_finite_differences(conformal):
