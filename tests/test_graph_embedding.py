@@ -349,6 +349,12 @@ def test_deep_from_a_sphere_fit_with_antipodal_nodes():
     assert res["d_wc"] < 1.1 < e["d_wc"]
 
 
+def test_deep_refuses_a_sphere_fit_that_covers_the_sphere():
+    """sphere100's dim-2 sphere fit covers S^2: no stereographic chart keeps its nodes near the centre."""
+    with pytest.raises(ValueError, match="cover the sphere"):
+        embed(load_graph("sphere100"), "deep", 2, steps=300, deep_steps=1, init="sphere")
+
+
 def test_deep_init_best_reports_its_start():
     g = load_graph("tree6")
     res, model = embed(g, "deep", 2, steps=300, deep_steps=2, init="best", hidden=8)
