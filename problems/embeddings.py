@@ -163,7 +163,9 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     Cosine schedule from lr down to lr * lr_end. The model ends at its lowest-training-loss iterate: full
     batch, the loss of each step; sampled batches, the loss on all `pairs` (no grad, distances in chunks
     of eval_chunk pairs) before the first step, every eval_every steps (default steps // 20) and after
-    the last. checks: an optional list that gets (step, full-pair loss) of each such evaluation. Returns
+    the last. An iterate with a non-converged distance (model.last_nonconverged > 0, e.g. a Deep log map)
+    is never kept. After each step a model with a `project` method is projected onto its feasible set.
+    checks: an optional list that gets (step, full-pair loss) of each such evaluation. Returns
     the per-step (batch) losses (list of floats). With sampled batches the "wc" loss of a batch is a
     biased (low) estimate of the full-pair one; the selection uses the full-pair loss, and hard > 0
     puts in every batch the hard // 2 most stretched and hard - hard // 2 most contracted pairs (d / d_G)
@@ -183,14 +185,14 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     if hard and not full and not 0 < hard < batch:
         raise ValueError(f"hard pairs a batch must be in [0, batch = {batch}), got {hard}")
 
-    def keep(loss):
+    def keep(loss, nonconverged):
         nonlocal best
-        if loss < best[0]:
+        if nonconverged == 0 and loss < best[0]:
             best = (loss, {k: v.detach().clone() for k, v in model.state_dict().items()})
 
     def check(step):
         nonlocal worst
-        d, _ = all_distances(model, pairs, chunk=eval_chunk)
+        d, bad = all_distances(model, pairs, chunk=eval_chunk)
         d = torch.as_tensor(d)
         checks.append((step, float(loss_fn(d, d_graph))))
         if hard:
@@ -198,7 +200,7 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
             worst = torch.cat([order[len(order) - hard // 2:], order[:hard - hard // 2]])
         if not math.isfinite(checks[-1][1]):
             raise FloatingPointError(f"{desc}: full loss became {checks[-1][1]} at step {step}")
-        keep(checks[-1][1])
+        keep(checks[-1][1], bad)
 
     bar = progress(range(steps), desc=desc, leave=False)
     for t in bar:
@@ -211,9 +213,11 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} (learning rate {lr} too large?)")
         if full:
-            keep(loss.item())
+            keep(loss.item(), getattr(model, "last_nonconverged", 0))
         loss.backward()
         opt.step()
+        if hasattr(model, "project"):
+            model.project()
         sched.step()
         losses.append(loss.item())
         if len(losses) % 50 == 0:
@@ -262,6 +266,30 @@ def chart_params(x, conformal):
     rs = torch.where(small, torch.ones_like(r), r)
     g = 2 * (torch.atanh(rs) if conformal == "poincare" else torch.atan(rs))
     return torch.where(small, 2 * x, x * (g / rs))
+
+
+def sphere_angles(z):
+    """Node parameters z [n, d] of the sphere chart (|z| = angle from the chart's origin point, see
+    chart_points) -> pairwise angles [n, n] on the unit sphere S^d."""
+    r = z.norm(dim=-1, keepdim=True)
+    u = z / r.clamp_min(1e-12)
+    y = torch.cat([torch.cos(r), torch.sin(r) * u], dim=-1)
+    return torch.arccos((y @ y.T).clamp(-1.0, 1.0))
+
+
+def pull_from_cut_locus(z, max_angle=0.99 * math.pi,
+                        shrink=(0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4)):
+    """Sphere chart parameters z [n, d] -> ((1 - delta) z, delta): every node's angle from the chart's
+    origin shrunk by the first delta in shrink (0 if none is needed) that leaves no two nodes more than
+    max_angle apart. Antipodal nodes are conjugate points, where the shooting Jacobian is singular;
+    near-antipodal ones are reachable along the geodesic through the origin. Raises ValueError when
+    no delta in shrink suffices."""
+    for delta in (0.0, *shrink):
+        zc = (1 - delta) * z
+        if float(sphere_angles(zc).max()) <= max_angle:
+            return zc, delta
+    raise ValueError(f"the sphere fit's nodes stay more than {max_angle:.3f} rad apart after shrinking "
+                     f"their angles by {shrink[-1]}")
 
 
 def stereographic_pole(y, n_candidates=4000, seed=0):
@@ -327,6 +355,12 @@ class DeepEmbedding(nn.Module):
     def x(self):
         """Node coordinates [n, d] in the metric's chart."""
         return chart_points(self.z, self.conformal)
+
+    @torch.no_grad()
+    def project(self):
+        """On the sphere base, keep nodes off the cut locus (pull_from_cut_locus) after each step."""
+        if self.conformal == "sphere":
+            self.z.copy_(pull_from_cut_locus(self.z)[0])
 
     def base_log(self, x, y):
         """Closed-form log map of the base metric (the learned metric at initialisation)."""

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from .distortion import distortion, mean_average_precision
-from .embeddings import (LOSSES, WC_RATIO_WEIGHT, WC_TAU, ConstantCurvature, DeepEmbedding, all_distances, fit,
-                         get_loss, parse_manifold, to_conformal_chart)
+from .embeddings import (LOSSES, WC_RATIO_WEIGHT, WC_TAU, ConstantCurvature, DeepEmbedding, all_distances,
+                         chart_params, chart_points, fit, get_loss, parse_manifold, pull_from_cut_locus,
+                         sphere_angles, to_conformal_chart)
 from .graphs import BUILTINS, REAL, all_pairs, load_graph, sample_pairs, shortest_paths
 from .registry import register
 from .report import emit, results_dir, save_json
@@ -106,12 +107,31 @@ def _evaluate(model, graph, eval_pairs, eval_dg, chunk, loss="ratio"):
     return out
 
 
-def _far_from_cut_locus(model, max_angle=0.98 * math.pi):
-    """True when no two nodes of a sphere fit are more than max_angle apart: antipodal points are
-    conjugate, where the shooting Jacobian is singular and the log map's gradient undefined."""
-    y = model.points[0].detach()
-    y = y / y.norm(dim=1, keepdim=True)
-    return float((y @ y.T).min()) > math.cos(max_angle)
+# Deep on the sphere base: the farthest a node may lie from the stereographic chart's centre. sphere100 dim 2
+# (nodes up to 0.945 pi away, where the chart metric is ~1e3 times smaller than at the centre): 155 of 4560
+# log maps did not converge at the start (8 RK4 steps) and D_wc was 7.9 against the fit's 2.22.
+SPHERE_CHART_MAX_ANGLE = 0.6 * math.pi
+
+
+def _deep_start(base, base_res, eval_pairs, eval_dg):
+    """A constant-curvature fit -> (conformal base, chart coordinates [n, d], scale, D_wc at Deep's
+    start, shrink delta): a sphere fit with (nearly) antipodal nodes is first pulled off the cut locus
+    (embeddings.pull_from_cut_locus), which costs some distortion; other fits start at their own D_wc.
+    Raises ValueError for a sphere fit that cannot be pulled off or whose nodes spread beyond
+    SPHERE_CHART_MAX_ANGLE from the chart's centre."""
+    conformal, x0, scale = to_conformal_chart(base)
+    if conformal != "sphere":
+        return conformal, x0, scale, base_res["d_wc"], 0.0
+    z, delta = pull_from_cut_locus(chart_params(x0, conformal))
+    far = float(z.norm(dim=1).max())
+    if far > SPHERE_CHART_MAX_ANGLE:
+        raise ValueError(f"its nodes cover the sphere (up to {far / math.pi:.2f} pi from the chart's centre, "
+                         f"more than {SPHERE_CHART_MAX_ANGLE / math.pi:.2f} pi), where the stereographic chart "
+                         "is too ill-conditioned for the log map")
+    if delta == 0.0:
+        return conformal, x0, scale, base_res["d_wc"], 0.0
+    d = scale * sphere_angles(z)[eval_pairs[:, 0], eval_pairs[:, 1]]
+    return conformal, chart_points(z, conformal), scale, distortion(d.numpy(), eval_dg)["d_wc"], delta
 
 
 def deep_ode_steps(conformal, scale, d_graph_max):
@@ -162,13 +182,16 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
                 opts = {**fit_opts, "steps": 0} if init == "identity" else fit_opts
                 base, loss0 = _fit_constant(graph, m, dim, pairs, dg, **opts)
                 fitted[m] = (base, {**_evaluate(base, graph, eval_pairs, eval_dg, 200_000, loss), "loss_start": loss0})
-        usable = [m for m in cands if m != "sphere" or _far_from_cut_locus(fitted[m][0])]
-        if not usable:
-            raise ValueError("Deep from the sphere fit: some nodes are (nearly) antipodal, where the log map "
-                             "is singular (cut locus); use another --init")
-        chosen = min(usable, key=lambda m: fitted[m][1]["d_wc"])
+        starts = {}
+        for m in cands:
+            try:
+                starts[m] = _deep_start(*fitted[m], eval_pairs, eval_dg)
+            except ValueError as err:  # a sphere fit that cannot be used as Deep's base
+                if len(cands) == 1:
+                    raise ValueError(f"Deep from the sphere fit: {err}; use another --init") from err
+        chosen = min(starts, key=lambda m: starts[m][3])
         base, base_res = fitted[chosen]
-        conformal, x0, scale = to_conformal_chart(base)
+        conformal, x0, scale, start_d_wc, shrink = starts[chosen]
         log_steps = log_steps or deep_ode_steps(conformal, scale, float(np.max(dg)))
         eval_log_steps = eval_log_steps or 2 * log_steps
         model = DeepEmbedding(graph.n, dim, init=x0, hidden=hidden, seed=seed, conformal=conformal, scale=scale,
@@ -186,7 +209,9 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
         model.log_opts["steps"] = eval_log_steps
         start_loss = at_start["loss"]
         extra = {"init": init, "init_manifold": chosen, "init_conformal": conformal, "init_scale": scale,
-                 "init_d_wc": base_res["d_wc"], "d_wc_start": at_start["d_wc"], "ode_steps": log_steps,
+                 "init_d_wc": base_res["d_wc"], "init_shrink": shrink,
+                 "init_start_d_wc": start_d_wc, "d_wc_start": at_start["d_wc"],
+                 "ode_steps": log_steps,
                  "eval_ode_steps": eval_log_steps, "deep_steps": deep_steps, "deep_lr": list(deep_lr)}
         if checks:  # sampled batches: the full-pair training losses and the kept iterate
             extra.update(full_losses=[[t, round(v, 8)] for t, v in checks],

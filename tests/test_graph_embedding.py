@@ -12,7 +12,8 @@ import bilevel
 from problems import cli, graphs
 from problems.distortion import distortion, mean_average_precision
 from problems.embeddings import (ConstantCurvature, DeepEmbedding, chart_params, chart_points, fit, parse_manifold,
-                                 ratio_loss, smooth_log_wc, to_conformal_chart, wc_loss)
+                                 pull_from_cut_locus, ratio_loss, smooth_log_wc, sphere_angles,
+                                 to_conformal_chart, wc_loss)
 from problems.graph_embedding_cli import embed
 from problems.graphs import all_pairs, from_edges, load_edgelist, load_graph, sample_pairs, shortest_paths
 from solvers.metric import poincare_distance, sphere_distance
@@ -289,6 +290,36 @@ def test_wc_batches_carry_the_worst_pairs_of_the_last_evaluation():
         fit(m, pairs, dg, steps=1, batch=8, loss="wc", hard=8)
 
 
+class _StretchWithFailures(_Stretch):
+    """_Stretch whose distances count as non-converged while |w| < 0.08."""
+
+    def forward(self, pairs, ids=None):
+        self.last_nonconverged = int(abs(self.w.item()) < 0.08)
+        return super().forward(pairs, ids)
+
+
+def test_fit_never_keeps_an_iterate_with_nonconverged_distances():
+    g = load_graph("tree6")
+    pairs, dg = all_pairs(g)
+    script = [0.3, 0.1, -0.05, 0.2, 0.4, 0.6]  # the lowest loss (-0.05) is an iterate that did not converge
+    for batch in (None, 16):
+        m = _StretchWithFailures(dg)
+        fit(m, pairs, dg, steps=6, batch=batch, optimizer=_Scripted([m.w], script), eval_every=1)
+        assert m.w.item() == pytest.approx(0.1)
+
+
+def test_deep_on_the_sphere_base_stays_off_the_cut_locus():
+    """The loss at scale 1.5 wants cycle10's opposite nodes 3.3 rad apart: from 0.989 pi they are projected
+    back to at most 0.99 pi after each step (every iterate fit may keep)."""
+    g = load_graph("cycle10")
+    p, dg = all_pairs(g)
+    t = torch.arange(10, dtype=torch.float64) * 2 * math.pi / 10
+    z = 0.989 * math.pi / 2 * torch.stack([t.cos(), t.sin()], 1)
+    m = DeepEmbedding(g.n, 2, init=chart_points(z, "sphere"), conformal="sphere", scale=1.5, hidden=4, steps=8)
+    fit(m, p, dg, steps=4, optimizer=torch.optim.Adam([m.z], lr=0.01))
+    assert float(sphere_angles(m.z.detach()).max()) <= 0.99 * math.pi + 1e-9
+
+
 # ---- Deep (learned metric through the log map)
 @pytest.mark.parametrize("conformal", ["euclidean", "poincare", "sphere"])
 def test_deep_distance_gradient_matches_finite_differences(conformal):
@@ -341,11 +372,57 @@ def test_deep_from_a_hyperbolic_fit_starts_at_its_distances():
     assert float(((d - ref).abs() / ref).max()) <= 1e-4
 
 
+def test_sphere_angles_closed_form():
+    a, b = 1.0, 2.5
+    z = torch.tensor([[0.0, 0.0], [a, 0.0], [-b, 0.0], [0.0, b]], dtype=torch.float64)
+    ang = sphere_angles(z)
+    assert ang[0, 1].item() == pytest.approx(a) and ang[0, 2].item() == pytest.approx(b)
+    assert ang[1, 2].item() == pytest.approx(2 * math.pi - a - b)  # the short way round, past the far pole
+    assert ang[1, 3].item() == pytest.approx(math.acos(math.cos(a) * math.cos(b)))  # spherical Pythagoras
+    assert torch.allclose(ang, ang.T) and float(ang.diagonal().abs().max()) < 1e-6
+
+
+def test_pull_from_cut_locus():
+    """Ten nodes on a great circle (cycle10's sphere fit): antipodal pairs are pulled to at most max_angle
+    by the smallest listed shrink; nodes already clear are left alone; an impossible case is an error."""
+    t = torch.arange(10, dtype=torch.float64) * 2 * math.pi / 10
+    z = math.pi / 2 * torch.stack([t.cos(), t.sin(), 0 * t], 1)
+    assert sphere_angles(z).max().item() == pytest.approx(math.pi)
+    zc, delta = pull_from_cut_locus(z, max_angle=0.99 * math.pi, shrink=(0.005, 0.02, 0.1))
+    assert delta == 0.02 and torch.allclose(zc, 0.98 * z)
+    assert sphere_angles(zc).max().item() <= 0.99 * math.pi
+    same, zero = pull_from_cut_locus(0.5 * z)
+    assert zero == 0.0 and torch.equal(same, 0.5 * z)
+    with pytest.raises(ValueError, match="apart after shrinking"):
+        pull_from_cut_locus(z, shrink=(0.001,))
+
+
+def test_deep_from_a_sphere_fit_with_antipodal_nodes():
+    """cycle10's sphere fit puts opposite nodes at angle pi (cut locus). Deep starts from it pulled off the
+    cut locus: every log map converges and its distances give the closed-form D_wc of the pulled nodes,
+    which is far below the Euclidean fit's."""
+    g = load_graph("cycle10")
+    res, _ = embed(g, "deep", 2, steps=1000, deep_steps=1, init="sphere", hidden=8)
+    assert res["init_manifold"] == "sphere" and res["init_d_wc"] < 1.01 and res["init_shrink"] > 0
+    assert res["nonconverged_pairs"] == 0
+    assert res["d_wc_start"] == pytest.approx(res["init_start_d_wc"], rel=1e-4)
+    e, _ = embed(g, "euclidean", 2, steps=1000)
+    assert res["d_wc"] < 1.1 < e["d_wc"]
+
+
+def test_deep_refuses_a_sphere_fit_that_covers_the_sphere():
+    """sphere100's dim-2 sphere fit covers S^2: no stereographic chart keeps its nodes near the centre."""
+    with pytest.raises(ValueError, match="cover the sphere"):
+        embed(load_graph("sphere100"), "deep", 2, steps=300, deep_steps=1, init="sphere")
+
+
 def test_deep_init_best_reports_its_start():
     g = load_graph("tree6")
     res, model = embed(g, "deep", 2, steps=300, deep_steps=2, init="best", hidden=8)
     assert res["init_manifold"] in ("euclidean", "poincare", "lorentz", "sphere")
-    assert res["d_wc_start"] == pytest.approx(res["init_d_wc"], rel=1e-4)
+    assert res["d_wc_start"] == pytest.approx(res["init_start_d_wc"], rel=1e-4)
+    if res["init_shrink"] == 0:
+        assert res["init_start_d_wc"] == res["init_d_wc"]
     assert res["nonconverged_pairs"] == 0 and res["loss_end"] <= res["loss_start"] * (1 + 1e-4)
     with pytest.raises(ValueError, match="unknown Deep init"):
         embed(g, "deep", 2, steps=10, init="hyperbolic")
