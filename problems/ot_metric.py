@@ -138,11 +138,16 @@ class Cometric(nn.Module):
 class DirectionMetric(nn.Module):
     """Pooladian et al.'s A(x) = I - 0.9 u u^T, u = normalise(MLP(x)): only the orientation is learned."""
 
-    def __init__(self, snaps, hidden=64, strength=0.9):
+    ACTIVATIONS = {"tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
+
+    def __init__(self, snaps, hidden=64, strength=0.9, activation="tanh"):
         super().__init__()
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(self.ACTIVATIONS)}, got {activation!r}")
         d = snaps.shape[-1]
         self.d, self.strength, self.norm = d, strength, Normaliser(snaps)
-        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+        act = self.ACTIVATIONS[activation]
+        self.net = nn.Sequential(nn.Linear(d, hidden), act(), nn.Linear(hidden, hidden), act(),
                                  nn.Linear(hidden, d))
 
     def direction(self, x):
@@ -376,7 +381,8 @@ def gradient_gap(model, src, dst, *, max_iter=100, tol=1e-8):
 
 def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1e-2, lr_g=3e-2, lr_map=1e-2,
                    inner_iter=30, inner_tol=1e-5, backward="envelope", warmup=0,
-                   candidates=("previous", "amortised"), box_margin=None, callback=None, log_every=50):
+                   candidates=("previous", "amortised"), box_margin=None, metric_hidden=64,
+                   metric_activation="tanh", callback=None, log_every=50):
     """Learn A(x) = I - 0.9 u u^T from snapshots [K, T, N, d] by the Lagrangian-cost semi-dual.
 
     Each step draws `batch` source samples per consecutive pair, solves their c-transforms jointly
@@ -386,12 +392,13 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1
     first `warmup` steps, while the potentials are still far from optimal) and one regression step
     of T onto y* and of the path network onto the refined paths. box_margin: keep the end points in the
     snapshots' bounding box widened by box_margin * scale (a quadratic wall), or None for no box.
-    callback(step, metric) -> dict of extra figures to log."""
+    metric_hidden, metric_activation: width and nonlinearity ('tanh' or 'leaky_relu', the published
+    metric's) of the metric's MLP. callback(step, metric) -> dict of extra figures to log."""
     torch.manual_seed(seed)
     t0 = time.time()
     src, dst = consecutive_pairs(snaps)
     P, N, d = src.shape
-    metric = DirectionMetric(snaps).double()
+    metric = DirectionMetric(snaps, hidden=metric_hidden, activation=metric_activation).double()
     model = LagrangianModel(metric, BatchedMLP(P, d, 1, zero_last=True).double(),
                             BatchedMLP(P, d, d, zero_last=True).double(), PathNet(metric.norm, d, n_nodes).double(),
                             n_nodes)

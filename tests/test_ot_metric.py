@@ -5,9 +5,9 @@ import torch
 
 import bilevel
 from problems.ot_data import consecutive_pairs, make_dataset
-from problems.ot_metric import (GRIDS, PathNet, _discrete_c_transform, alignment, cheap_direction, fit_lagrangian,
-                                fit_scarvelis, gradient_gap, grid, segment_points, true_direction, true_metric,
-                                warm_starts)
+from problems.ot_metric import (GRIDS, DirectionMetric, PathNet, _discrete_c_transform, alignment, cheap_direction,
+                                fit_lagrangian, fit_scarvelis, gradient_gap, grid, segment_points, true_direction,
+                                true_metric, warm_starts)
 from solvers.c_transform import c_transform, lbfgs, optimality
 
 
@@ -153,6 +153,21 @@ def test_path_net_starts_straight_and_is_differentiable():
     assert torch.allclose(net(x, y), straight, atol=1e-15)
     torch.nn.init.normal_(net.net[-1].weight)
     assert torch.autograd.gradcheck(lambda a, b: net(a, b), (x.clone().requires_grad_(), y.clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "leaky_relu"])
+def test_direction_metric_eigenvalues_and_gradcheck_float64(activation):
+    torch.manual_seed(0)
+    snaps = make_dataset("circle", 0, n_samples=10)[:, :4]
+    metric = DirectionMetric(snaps, hidden=8, activation=activation).double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    eig = torch.linalg.eigvalsh(metric(x))
+    assert torch.allclose(eig, torch.tensor([0.1, 1.0], dtype=torch.float64).expand(5, 2))
+    names, values = zip(*metric.named_parameters())
+    f = lambda xx, *ps: torch.func.functional_call(metric, dict(zip(names, ps)), (xx,))
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), *[v.detach().clone().requires_grad_() for v in values]))
+    with pytest.raises(ValueError, match="activation"):
+        DirectionMetric(snaps, activation="relu6")
 
 
 def test_discrete_c_transform_is_the_argmin_over_targets():
