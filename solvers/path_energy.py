@@ -58,14 +58,18 @@ def _block_tridiag_factor(A):
     """Block LDL^T (Thomas) factors of H, the frozen-metric Hessian of the energy in the interior nodes.
 
     A [B, T, d, d] segment metrics (scaled by T); H has diagonal blocks A_j + A_{j+1} and off-diagonal
-    blocks -A_{j+1}. Returns (A, Cholesky factors of the pivots, C_j = -M_j^{-1} A_{j+1})."""
+    blocks -A_{j+1}. Returns (A, Cholesky factors of the pivots, C_j = -M_j^{-1} A_{j+1}).
+    A pivot that is not numerically positive definite (a metric degenerate or underflowing along the
+    path) is replaced by the identity for that pair: the result is only a preconditioner."""
     n = A.shape[1] - 1
     Ls, C = [], []
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     for j in range(n):  # a loop over nodes, batched over pairs
         M = A[:, j] + A[:, j + 1]
         if j > 0:
             M = M + A[:, j] @ C[-1]  # sub-diagonal block is -A_j
-        Ls.append(torch.linalg.cholesky(M))
+        L, info = torch.linalg.cholesky_ex(M)
+        Ls.append(torch.where((info == 0)[:, None, None] & torch.isfinite(L).all((1, 2), keepdim=True), L, eye))
         C.append(-torch.cholesky_solve(A[:, j + 1], Ls[-1]) if j + 1 < n else None)
     return A, Ls, C
 

@@ -296,3 +296,27 @@ def test_block_tridiagonal_preconditioner_solves_the_frozen_metric_hessian():
     s = _block_tridiag_solve(_block_tridiag_factor(A), rhs)
     torch.testing.assert_close(torch.einsum("bij,bj->bi", H, s.reshape(B, -1)), rhs.reshape(B, -1),
                                rtol=1e-12, atol=1e-12)
+
+
+
+def test_path_preconditioner_survives_a_pivot_that_is_not_positive_definite():
+    """Block-tridiagonal factors of H for two pairs, one with vanishing segment metrics (its pivots fail
+    Cholesky, as an underflowing metric's do): no LinAlgError, that pair falls back to identity pivots,
+    and the other pair's solve is exact."""
+    from solvers.path_energy import _block_tridiag_factor, _block_tridiag_solve
+    gen = torch.Generator().manual_seed(3)
+    T, d = 5, 2
+    B = torch.randn(T, d, d, generator=gen, dtype=DT)
+    A = torch.stack([B @ B.transpose(-1, -2) + 0.1 * torch.eye(d, dtype=DT), torch.zeros(T, d, d, dtype=DT)])
+    fac = _block_tridiag_factor(A)
+    assert all(torch.equal(L[1], torch.eye(d, dtype=DT)) for L in fac[1])
+    H = torch.zeros((T - 1) * d, (T - 1) * d, dtype=DT)  # dense H of pair 0
+    for j in range(T - 1):
+        H[j * d:(j + 1) * d, j * d:(j + 1) * d] = A[0, j] + A[0, j + 1]
+        if j + 1 < T - 1:
+            H[j * d:(j + 1) * d, (j + 1) * d:(j + 2) * d] = -A[0, j + 1]
+            H[(j + 1) * d:(j + 2) * d, j * d:(j + 1) * d] = -A[0, j + 1]
+    g = torch.randn(2, T - 1, d, generator=gen, dtype=DT)
+    s = _block_tridiag_solve(fac, g)
+    assert torch.allclose(H @ s[0].flatten(), g[0].flatten(), atol=1e-10)
+    assert bool(torch.isfinite(s).all())
