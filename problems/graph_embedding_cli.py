@@ -153,8 +153,8 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
     trains on the wc loss); the selection of the kept iterate uses the same loss.
 
     Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
-    with the lowest D_wc, skipping a sphere fit with nodes more than 0.98 pi apart), mapped to a
-    conformal chart, with the learned metric a correction (I at start) of that fit's metric; 'identity':
+    with the lowest D_wc at Deep's start: a sphere fit is first pulled off the cut locus, and skipped
+    when it covers the sphere, see _deep_start), mapped to a conformal chart, with the learned metric a correction (I at start) of that fit's metric; 'identity':
     A = I and nodes from classical MDS. fitted: an optional dict (manifold -> (model, result)) of
     constant-curvature fits of the same graph, dim, seed and loss to reuse. deep_eval_every: steps
     between Deep's full-pair loss evaluations with sampled batches (default deep_steps // 5; the kept
