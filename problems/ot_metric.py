@@ -11,7 +11,8 @@ Ground truth G(x) = I - (1 - 1e-3) v v^T, the alignment score on 100 x 100 grids
   consecutive snapshots; the c-transform is solved jointly over the end point y and the path's
   interior nodes by batched L-BFGS (solvers.c_transform), warm-started from an amortised map
   T(x) = x + MLP(x), an amortised path network, the previous path and optionally a discrete
-  c-transform over the targets (the best start per sample); gradients by the envelope theorem or the engine's implicit differentiation.
+  c-transform over the targets (the best start per sample); gradients by the envelope theorem or the
+  engine's implicit differentiation.
 Snapshots are [K, T, N, d] (problems.ot_data).
 """
 import math
