@@ -164,7 +164,8 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     batch, the loss of each step; sampled batches, the loss on all `pairs` (no grad, distances in chunks
     of eval_chunk pairs) before the first step, every eval_every steps (default steps // 20) and after
     the last. An iterate with a non-converged distance (model.last_nonconverged > 0, e.g. a Deep log map)
-    is never kept. After each step a model with a `project` method is projected onto its feasible set.
+    is never kept; if no iterate qualifies, the model goes back to its start (with a
+    bilevel.ConvergenceWarning). After each step a model with a `project` method is projected onto its feasible set.
     checks: an optional list that gets (step, full-pair loss) of each such evaluation. Returns
     the per-step (batch) losses (list of floats). With sampled batches the "wc" loss of a batch is a
     biased (low) estimate of the full-pair one; the selection uses the full-pair loss, and hard > 0
@@ -178,6 +179,7 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
         opt, lambda t: lr_end + (1 - lr_end) * 0.5 * (1 + math.cos(math.pi * min(t / steps, 1.0))))
     g = torch.Generator().manual_seed(seed)
     losses, best = [], (math.inf, None)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     full = batch is None or batch >= len(pairs)
     eval_every = None if full else max(1, eval_every or steps // 20)
     checks = [] if checks is None else checks
@@ -224,8 +226,10 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
     if not full:
         check(steps)
-    if best[1] is not None:
-        model.load_state_dict(best[1])
+    if best[1] is None:
+        warnings.warn(f"{desc}: every iterate had non-converged distances; the model is back at its start",
+                      bilevel.ConvergenceWarning, stacklevel=2)
+    model.load_state_dict(start if best[1] is None else best[1])
     return losses
 
 

@@ -308,6 +308,23 @@ def test_fit_never_keeps_an_iterate_with_nonconverged_distances():
         assert m.w.item() == pytest.approx(0.1)
 
 
+def test_fit_goes_back_to_the_start_when_no_iterate_converged():
+    """A Deep start that converges at evaluation accuracy may fail at training accuracy on every step
+    (tree6 dim 5, wc fit: 4 failed log maps and D_wc 2.86 from 1.031 before this rule)."""
+    g = load_graph("tree6")
+    pairs, dg = all_pairs(g)
+    class NeverConverged(_Stretch):
+        def forward(self, pairs, ids=None):
+            self.last_nonconverged = 1
+            return super().forward(pairs, ids)
+
+    for batch in (None, 16):
+        m = NeverConverged(dg)
+        with pytest.warns(bilevel.ConvergenceWarning, match="back at its start"):
+            fit(m, pairs, dg, steps=3, batch=batch, optimizer=_Scripted([m.w], [0.05, 0.0, -0.01]), eval_every=1)
+        assert m.w.item() == pytest.approx(0.5)
+
+
 def test_deep_on_the_sphere_base_stays_off_the_cut_locus():
     """The loss at scale 1.5 wants cycle10's opposite nodes 3.3 rad apart: from 0.989 pi they are projected
     back to at most 0.99 pi after each step (every iterate fit may keep)."""
