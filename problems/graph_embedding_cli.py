@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .distortion import distortion, mean_average_precision
-from .embeddings import (LOSSES, WC_RATIO_WEIGHT, WC_TAU, ConstantCurvature, DeepEmbedding, all_distances,
+from .embeddings import (WC_RATIO_WEIGHT, WC_SHARP_TAU, WC_TAU, ConstantCurvature, DeepEmbedding, all_distances,
                          chart_params, chart_points, fit, get_loss, parse_manifold, pull_from_cut_locus,
                          sphere_angles, to_conformal_chart)
 from .graphs import BUILTINS, REAL, all_pairs, load_graph, sample_pairs, shortest_paths
@@ -70,19 +70,25 @@ DEEP_FINETUNE_LR = (1e-3, 3e-4)
 # from learning rate WC_LR (cosine schedule)
 WC_STEPS = 2000
 WC_LR = 0.01
+# ... then for WC_SHARP_STEPS more from WC_SHARP_LR on the sharp wc loss (embeddings.sharp_wc_loss), which Deep
+# trains on too: LAST_STAGE maps each --loss to the loss of its last stage, which also selects the kept iterate
+WC_SHARP_STEPS = 2000
+WC_SHARP_LR = 1e-3
+LAST_STAGE = {"ratio": "ratio", "wc": "wc_sharp"}
 # loss "wc" with sampled batches: this fraction of each batch is the most stretched / contracted pairs of the
 # last full-pair evaluation (a random batch mostly misses the few pairs that set D_wc)
 WC_HARD = 0.2
 
 
 def _hard(loss, batch):
-    return int(WC_HARD * batch) if loss == "wc" and batch else 0
+    return int(WC_HARD * batch) if loss != "ratio" and batch else 0
 
 
 def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, big, loss="ratio", wc_steps=None,
                   wc_lr=None):
     """A constant-curvature fit on the ratio loss (steps at lr); loss "wc": then fine-tuned on the wc loss
-    (wc_steps at wc_lr). Returns (model, training loss (named by loss) at the start of its last phase)."""
+    (wc_steps at wc_lr) and on the sharp wc loss (WC_SHARP_STEPS at WC_SHARP_LR). Returns (model, training
+    loss (LAST_STAGE[loss]) at the start of its last phase)."""
     factors = parse_manifold(manifold, dim)
     model = ConstantCurvature(graph.n, factors, None if big else shortest_paths(graph), seed=seed)
     losses = fit(model, pairs, dg, steps=steps, lr=lr, batch=batch, seed=seed,
@@ -90,6 +96,9 @@ def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, bi
     if loss != "ratio" and steps:
         losses = fit(model, pairs, dg, steps=wc_steps or WC_STEPS, lr=wc_lr or WC_LR, batch=batch, seed=seed,
                      desc=f"{graph.name} {manifold} {loss}", loss=loss, hard=_hard(loss, batch))
+        losses = fit(model, pairs, dg, steps=WC_SHARP_STEPS, lr=WC_SHARP_LR, batch=batch, seed=seed,
+                     desc=f"{graph.name} {manifold} {LAST_STAGE[loss]}", loss=LAST_STAGE[loss],
+                     hard=_hard(loss, batch))
     return model, losses[0]
 
 
@@ -148,9 +157,10 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
           init="euclidean", fitted=None, deep_eval_every=None, loss="ratio", wc_steps=None, wc_lr=None):
     """Fit one embedding of a Graph. Returns (result dict with the CLI's JSON fields, model).
 
-    loss: the training loss (embeddings.LOSSES), for every model: "ratio", or "wc" (constant-curvature
-    fits on the ratio loss, then wc_steps more on the wc loss from wc_lr; Deep starts from such a fit and
-    trains on the wc loss); the selection of the kept iterate uses the same loss.
+    loss: the training loss schedule (a key of LAST_STAGE), for every model: "ratio", or "wc"
+    (constant-curvature fits on the ratio loss, then wc_steps more on the wc loss from wc_lr, then
+    WC_SHARP_STEPS on the sharp wc loss; Deep starts from such a fit and trains on the sharp wc loss); the
+    selection of the kept iterate and the reported losses use the last stage's loss.
 
     Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
     with the lowest D_wc at Deep's start: a sphere fit is first pulled off the cut locus, and skipped
@@ -160,7 +170,9 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
     between Deep's full-pair loss evaluations with sampled batches (default deep_steps // 5; the kept
     iterate is the one with the lowest, see embeddings.fit)."""
     t0 = time.time()
-    get_loss(loss)  # an unknown name fails here, before any training
+    if loss not in LAST_STAGE:  # an unknown name fails here, before any training
+        raise ValueError(f"unknown loss {loss!r}: choose from {list(LAST_STAGE)}")
+    last = LAST_STAGE[loss]
     torch.manual_seed(seed)
     deep = manifold == "deep"
     big = graph.n * (graph.n - 1) // 2 > ALL_PAIRS_MAX
@@ -181,7 +193,7 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
             if m not in fitted:
                 opts = {**fit_opts, "steps": 0} if init == "identity" else fit_opts
                 base, loss0 = _fit_constant(graph, m, dim, pairs, dg, **opts)
-                fitted[m] = (base, {**_evaluate(base, graph, eval_pairs, eval_dg, 200_000, loss), "loss_start": loss0})
+                fitted[m] = (base, {**_evaluate(base, graph, eval_pairs, eval_dg, 200_000, last), "loss_start": loss0})
         starts = {}
         for m in cands:
             try:
@@ -196,7 +208,7 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
         eval_log_steps = eval_log_steps or 2 * log_steps
         model = DeepEmbedding(graph.n, dim, init=x0, hidden=hidden, seed=seed, conformal=conformal, scale=scale,
                               steps=eval_log_steps)
-        at_start = _evaluate(model, graph, eval_pairs, eval_dg, 2000, loss)  # also warm-starts every pair's log map
+        at_start = _evaluate(model, graph, eval_pairs, eval_dg, 2000, last)  # also warm-starts every pair's log map
         model.log_opts["steps"] = log_steps
         finetune = conformal == "euclidean" and init != "identity"
         deep_lr = deep_lr or (DEEP_FINETUNE_LR if finetune else DEEP_LR[conformal])
@@ -204,7 +216,7 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
                                 {"params": model.metric.parameters(), "lr": deep_lr[1]}])
         checks, deep_batch = [], deep_batch or DEEP_BATCH
         fit(model, pairs, dg, steps=deep_steps, batch=deep_batch, seed=seed, optimizer=opt, desc=f"{graph.name} deep",
-            eval_every=deep_eval_every or max(1, deep_steps // 5), eval_chunk=2000, checks=checks, loss=loss,
+            eval_every=deep_eval_every or max(1, deep_steps // 5), eval_chunk=2000, checks=checks, loss=last,
             hard=_hard(loss, deep_batch))
         model.log_opts["steps"] = eval_log_steps
         start_loss = at_start["loss"]
@@ -216,7 +228,7 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
         if checks:  # sampled batches: the full-pair training losses and the kept iterate
             extra.update(full_losses=[[t, round(v, 8)] for t, v in checks],
                          selected_step=min(checks, key=lambda c: c[1])[0])
-    res = _evaluate(model, graph, eval_pairs, eval_dg, 2000 if deep else 200_000, loss)
+    res = _evaluate(model, graph, eval_pairs, eval_dg, 2000 if deep else 200_000, last)
     dims = sum(k for _, k in parse_manifold(manifold, dim)) if not deep else dim
     return {
         "graph": graph.name, "nodes": graph.n, "edges": int(len(graph.edges)), "dim": dims,
@@ -267,11 +279,12 @@ def add_commands(sub):
                    "(poincare: the better of the Poincare and Lorentz fits; best: the lowest D_wc of all four) "
                    "and the nodes start at its embedding; identity: A = I, nodes from classical MDS "
                    "(default euclidean: the Euclidean fit, A = I)")
-    p.add_argument("--loss", choices=list(LOSSES), default="ratio",
+    p.add_argument("--loss", choices=list(LAST_STAGE), default="ratio",
                    help="training loss of every model: ratio, mean (d/d_G - 1)^2; wc, a smooth log worst-case "
                    f"distortion (tau {WC_TAU}) plus {WC_RATIO_WEIGHT} x ratio (constant-curvature fits: ratio, "
-                   "then --wc-steps on wc; Deep starts from such a fit and trains on wc); also the loss that "
-                   "selects the kept iterate")
+                   f"then --wc-steps on wc, then {WC_SHARP_STEPS} on the sharp wc loss, tau {WC_SHARP_TAU} and no "
+                   "ratio term; Deep starts from such a fit and trains on the sharp loss); the last stage's loss "
+                   "also selects the kept iterate")
     p.add_argument("--wc-steps", type=int, help=f"--loss wc: steps on the wc loss after the ratio fit "
                    f"(default {WC_STEPS})")
     p.add_argument("--wc-lr", type=float, help=f"--loss wc: their initial learning rate (default {WC_LR})")
