@@ -156,7 +156,14 @@ def sharp_wc_loss(d, d_graph):
     return smooth_log_wc(d, d_graph, WC_SHARP_TAU)
 
 
+def log_d_wc(d, d_graph):
+    """log D_wc = log max r + log max 1/r, r = d / d_G (the objective the wc losses smooth)."""
+    log_r = torch.log(d) - torch.log(d_graph)
+    return log_r.max() - log_r.min()
+
+
 LOSSES = {"ratio": ratio_loss, "wc": wc_loss, "wc_sharp": sharp_wc_loss}
+SELECT = {"ratio": ratio_loss, "wc": log_d_wc, "wc_sharp": log_d_wc}  # what picks fit's kept iterate
 
 
 def get_loss(name):
@@ -169,18 +176,21 @@ def get_loss(name):
 def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc="embed", optimizer=None,
         lr_end=0.01, eval_every=None, eval_chunk=200_000, checks=None, loss="ratio", hard=0):
     """Train model on the loss named by loss (LOSSES): full batch, or `batch` random pairs a step.
-    Cosine schedule from lr down to lr * lr_end. The model ends at its lowest-training-loss iterate: full
-    batch, the loss of each step; sampled batches, the loss on all `pairs` (no grad, distances in chunks
-    of eval_chunk pairs) before the first step, every eval_every steps (default steps // 20) and after
-    the last. An iterate with a non-converged distance (model.last_nonconverged > 0, e.g. a Deep log map)
-    is never kept; if no iterate qualifies, the model goes back to its start (with a
-    bilevel.ConvergenceWarning). After each step a model with a `project` method is projected onto its feasible set.
-    checks: an optional list that gets (step, full-pair loss) of each such evaluation. Returns
-    the per-step (batch) losses (list of floats). With sampled batches the "wc" loss of a batch is a
-    biased (low) estimate of the full-pair one; the selection uses the full-pair loss, and hard > 0
-    puts in every batch the hard // 2 most stretched and hard - hard // 2 most contracted pairs (d / d_G)
-    of the last full-pair evaluation, the rest drawn at random."""
-    loss_fn = get_loss(loss)
+    Cosine schedule from lr down to lr * lr_end. The model ends at its best iterate by the loss's
+    objective (SELECT: the ratio loss itself; log D_wc exactly for the wc losses, whose smooth soft
+    maximum can fall while the true one rises): full batch, at each step; sampled batches, on all `pairs`
+    (no grad, distances in chunks of eval_chunk pairs) before the first step, every eval_every steps
+    (default steps // 20) and after the last. An iterate with a non-converged distance
+    (model.last_nonconverged > 0, e.g. a Deep log map) is never kept; if no iterate qualifies, the model
+    goes back to its start (with a bilevel.ConvergenceWarning). A non-finite loss ends the training at
+    the best iterate so far (a RuntimeWarning), or raises FloatingPointError when there is none. After
+    each step a model with a `project` method is projected onto its feasible set.
+    checks: an optional list that gets (step, full-pair loss, objective) of each such evaluation.
+    Returns the per-step (batch) losses (list of floats). With sampled batches the "wc" loss of a
+    batch is a biased (low) estimate of the full-pair one; hard > 0 puts in every batch the hard // 2
+    most stretched and hard - hard // 2 most contracted pairs (d / d_G) of the last full-pair
+    evaluation, the rest drawn at random."""
+    loss_fn, select = get_loss(loss), SELECT[loss]
     pairs = torch.as_tensor(pairs, dtype=torch.long)
     d_graph = torch.as_tensor(d_graph, dtype=torch.float64)
     opt = optimizer or geoopt.optim.RiemannianAdam(model.parameters(), lr=lr)
@@ -196,35 +206,48 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
     if hard and not full and not 0 < hard < batch:
         raise ValueError(f"hard pairs a batch must be in [0, batch = {batch}), got {hard}")
 
-    def keep(loss, nonconverged):
+    def keep(score, nonconverged):
         nonlocal best
-        if nonconverged == 0 and loss < best[0]:
-            best = (loss, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if nonconverged == 0 and score < best[0]:
+            best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def diverged(value, step):
+        """True (after a warning) when a non-finite loss ends the training at the best iterate so far."""
+        if math.isfinite(value):
+            return False
+        if best[1] is None:
+            raise FloatingPointError(f"{desc}: loss became {value} at step {step} (learning rate {lr} too large?)")
+        warnings.warn(f"{desc}: loss became {value} at step {step}; stopping at the best iterate so far",
+                      RuntimeWarning, stacklevel=3)
+        return True
 
     def check(step):
         nonlocal worst
         d, bad = all_distances(model, pairs, chunk=eval_chunk)
         d = torch.as_tensor(d)
-        checks.append((step, float(loss_fn(d, d_graph))))
+        value = float(loss_fn(d, d_graph))
+        if diverged(value, step):
+            return True
+        checks.append((step, value, float(select(d, d_graph))))
         if hard:
             order = torch.argsort(torch.log(d) - torch.log(d_graph))
             worst = torch.cat([order[len(order) - hard // 2:], order[:hard - hard // 2]])
-        if not math.isfinite(checks[-1][1]):
-            raise FloatingPointError(f"{desc}: full loss became {checks[-1][1]} at step {step}")
-        keep(checks[-1][1], bad)
+        keep(checks[-1][2], bad)
+        return False
 
     bar = progress(range(steps), desc=desc, leave=False)
     for t in bar:
-        if not full and t % eval_every == 0:
-            check(t)
+        if not full and t % eval_every == 0 and check(t):
+            break
         idx = None if full else torch.cat([worst, torch.randint(len(pairs), (batch - len(worst),), generator=g)])
         p, dg = (pairs, d_graph) if idx is None else (pairs[idx], d_graph[idx])
         opt.zero_grad()
-        loss = loss_fn(model(p, idx), dg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} (learning rate {lr} too large?)")
+        d = model(p, idx)
+        loss = loss_fn(d, dg)
+        if diverged(loss.item(), t):
+            break
         if full:
-            keep(loss.item(), getattr(model, "last_nonconverged", 0))
+            keep(float(select(d.detach(), dg)), getattr(model, "last_nonconverged", 0))
         loss.backward()
         opt.step()
         if hasattr(model, "project"):
@@ -233,8 +256,9 @@ def fit(model, pairs, d_graph, *, steps=2000, lr=0.05, batch=None, seed=0, desc=
         losses.append(loss.item())
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
-    if not full:
-        check(steps)
+    else:
+        if not full:
+            check(steps)
     if best[1] is None:
         warnings.warn(f"{desc}: every iterate had non-converged distances; the model is back at its start",
                       bilevel.ConvergenceWarning, stacklevel=2)

@@ -226,8 +226,8 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
                  "ode_steps": log_steps,
                  "eval_ode_steps": eval_log_steps, "deep_steps": deep_steps, "deep_lr": list(deep_lr)}
         if checks:  # sampled batches: the full-pair training losses and the kept iterate
-            extra.update(full_losses=[[t, round(v, 8)] for t, v in checks],
-                         selected_step=min(checks, key=lambda c: c[1])[0])
+            extra.update(full_losses=[[t, round(v, 8)] for t, v, _ in checks],
+                         selected_step=min(checks, key=lambda c: c[2])[0])
     res = _evaluate(model, graph, eval_pairs, eval_dg, 2000 if deep else 200_000, last)
     dims = sum(k for _, k in parse_manifold(manifold, dim)) if not deep else dim
     return {

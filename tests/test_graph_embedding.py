@@ -262,12 +262,12 @@ def test_sampled_fit_keeps_the_lowest_full_loss_iterate():
         fit(m, pairs, dg, steps=6, batch=16, optimizer=_Scripted([m.w], script), eval_every=every, checks=checks)
         assert m.w.item() == pytest.approx(kept)  # never the last iterate (0.6), whose loss is the highest
         ws = [0.5, *script]
-        assert [t for t, _ in checks] == sorted({*range(0, 6, every), 6})
-        assert [v for _, v in checks] == pytest.approx([ws[t] ** 2 * c2 for t, _ in checks])
+        assert [c[0] for c in checks] == sorted({*range(0, 6, every), 6})
+        assert [c[1] for c in checks] == pytest.approx([ws[c[0]] ** 2 * c2 for c in checks])
     # the wc loss: the evaluations use it too
     m, checks = _Stretch(dg), []
     fit(m, pairs, dg, steps=6, batch=16, optimizer=_Scripted([m.w], script), eval_every=2, checks=checks, loss="wc")
-    assert min(v for _, v in checks) == pytest.approx(wc_loss(m(pairs), torch.as_tensor(dg)).item())
+    assert min(c[1] for c in checks) == pytest.approx(wc_loss(m(pairs), torch.as_tensor(dg)).item())
     # full batch: the lowest per-step loss, as before
     m = _Stretch(dg)
     fit(m, pairs, dg, steps=6, optimizer=_Scripted([m.w], script))
@@ -308,6 +308,53 @@ def test_fit_never_keeps_an_iterate_with_nonconverged_distances():
         m = _StretchWithFailures(dg)
         fit(m, pairs, dg, steps=6, batch=batch, optimizer=_Scripted([m.w], script), eval_every=1)
         assert m.w.item() == pytest.approx(0.1)
+
+
+class _Patterns(torch.nn.Module):
+    """d = d_G * R[w] for a scripted state w in {0, 1, 2} (d stays attached to w for backward):
+    0 one pair at ratio 1.5 (the rest at 1); 1 twenty pairs at 1.10 and one at 1; 2 one pair at 1.11, one
+    at 1 and the rest at 1.05."""
+
+    def __init__(self, dg):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+        self.dg = torch.as_tensor(dg, dtype=torch.float64)
+        self.R = torch.ones(3, len(dg), dtype=torch.float64)
+        self.R[0, 0], self.R[1, :20], self.R[2], self.R[2, 0], self.R[2, 1] = 1.5, 1.10, 1.05, 1.11, 1.0
+
+    def forward(self, pairs, ids=None):
+        k = torch.arange(len(self.dg)) if ids is None else ids
+        return self.dg[k] * self.R[int(self.w.item())][k] * (1 + 0 * self.w)
+
+
+def test_wc_fits_keep_the_iterate_with_the_lowest_exact_d_wc():
+    """The smooth wc loss prefers one pair at 1.11 to twenty at 1.10 (D_wc 1.11 to 1.10); the kept iterate is
+    the lower D_wc."""
+    g = load_graph("tree6")
+    pairs, dg = all_pairs(g)
+    m = _Patterns(dg)
+    loss_a, loss_b = (wc_loss(torch.as_tensor(dg) * m.R[k], torch.as_tensor(dg)).item() for k in (1, 2))
+    assert loss_b < loss_a
+    for batch, kw in ((None, {}), (16, {"eval_every": 1})):
+        m = _Patterns(dg)
+        fit(m, pairs, dg, steps=3, batch=batch, loss="wc", optimizer=_Scripted([m.w], [1.0, 2.0, 2.0]), **kw)
+        assert m.w.item() == 1.0 and distortion(m(pairs).detach().numpy(), dg)["d_wc"] == pytest.approx(1.10)
+
+
+def test_fit_stops_at_the_best_iterate_when_the_loss_becomes_nan():
+    g = load_graph("tree6")
+    pairs, dg = all_pairs(g)
+    for batch in (None, 16):
+        m = _Stretch(dg)
+        with pytest.warns(RuntimeWarning, match="loss became nan at step 3"):
+            losses = fit(m, pairs, dg, steps=6, batch=batch, eval_every=1,
+                         optimizer=_Scripted([m.w], [0.3, 0.1, float("nan"), 0.0, 0.0, 0.0]))
+        assert m.w.item() == pytest.approx(0.1) and len(losses) == 3
+    m = _Stretch(dg)
+    with torch.no_grad():
+        m.w.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="loss became nan at step 0"):
+        fit(m, pairs, dg, steps=2)
 
 
 def test_fit_goes_back_to_the_start_when_no_iterate_converged():
