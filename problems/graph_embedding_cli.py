@@ -71,7 +71,7 @@ DEEP_FINETUNE_LR = (1e-3, 3e-4)
 WC_STEPS = 2000
 WC_LR = 0.01
 # ... then for WC_SHARP_STEPS more from WC_SHARP_LR on the sharp wc loss (embeddings.sharp_wc_loss), which Deep
-# trains on too: LAST_STAGE maps each --loss to the loss of its last stage, which also selects the kept iterate
+# trains on too: LAST_STAGE maps each --loss to the loss of its last stage
 WC_SHARP_STEPS = 2000
 WC_SHARP_LR = 1e-3
 LAST_STAGE = {"ratio": "ratio", "wc": "wc_sharp"}
@@ -160,7 +160,8 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
     loss: the training loss schedule (a key of LAST_STAGE), for every model: "ratio", or "wc"
     (constant-curvature fits on the ratio loss, then wc_steps more on the wc loss from wc_lr, then
     WC_SHARP_STEPS on the sharp wc loss; Deep starts from such a fit and trains on the sharp wc loss); the
-    selection of the kept iterate and the reported losses use the last stage's loss.
+    reported losses are the last stage's, and each stage keeps its iterate with the lowest objective
+    (embeddings.SELECT: the exact D_wc under "wc").
 
     Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
     with the lowest D_wc at Deep's start: a sphere fit is first pulled off the cut locus, and skipped
