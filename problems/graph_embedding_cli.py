@@ -93,12 +93,10 @@ def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, bi
     model = ConstantCurvature(graph.n, factors, None if big else shortest_paths(graph), seed=seed)
     losses = fit(model, pairs, dg, steps=steps, lr=lr, batch=batch, seed=seed,
                  desc=f"{graph.name} {manifold}") if steps else [math.nan]
-    if loss != "ratio" and steps:
-        losses = fit(model, pairs, dg, steps=wc_steps or WC_STEPS, lr=wc_lr or WC_LR, batch=batch, seed=seed,
-                     desc=f"{graph.name} {manifold} {loss}", loss=loss, hard=_hard(loss, batch))
-        losses = fit(model, pairs, dg, steps=WC_SHARP_STEPS, lr=WC_SHARP_LR, batch=batch, seed=seed,
-                     desc=f"{graph.name} {manifold} {LAST_STAGE[loss]}", loss=LAST_STAGE[loss],
-                     hard=_hard(loss, batch))
+    stages = [(loss, wc_steps or WC_STEPS, wc_lr or WC_LR), (LAST_STAGE[loss], WC_SHARP_STEPS, WC_SHARP_LR)]
+    for stage, n, rate in stages if loss != "ratio" and steps else []:
+        losses = fit(model, pairs, dg, steps=n, lr=rate, batch=batch, seed=seed,
+                     desc=f"{graph.name} {manifold} {stage}", loss=stage, hard=_hard(loss, batch))
     return model, losses[0]
 
 
@@ -165,7 +163,8 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
 
     Deep (manifold 'deep') starts from the constant-curvature fit(s) named by init (INITS; the one
     with the lowest D_wc at Deep's start: a sphere fit is first pulled off the cut locus, and skipped
-    when it covers the sphere, see _deep_start), mapped to a conformal chart, with the learned metric a correction (I at start) of that fit's metric; 'identity':
+    when it covers the sphere, see _deep_start), mapped to a conformal chart, with the learned metric a
+    correction (I at start) of that fit's metric; 'identity':
     A = I and nodes from classical MDS. fitted: an optional dict (manifold -> (model, result)) of
     constant-curvature fits of the same graph, dim, seed and loss to reuse. deep_eval_every: steps
     between Deep's full-pair loss evaluations with sampled batches (default deep_steps // 5; the kept
@@ -284,8 +283,8 @@ def add_commands(sub):
                    help="training loss of every model: ratio, mean (d/d_G - 1)^2; wc, a smooth log worst-case "
                    f"distortion (tau {WC_TAU}) plus {WC_RATIO_WEIGHT} x ratio (constant-curvature fits: ratio, "
                    f"then --wc-steps on wc, then {WC_SHARP_STEPS} on the sharp wc loss, tau {WC_SHARP_TAU} and no "
-                   "ratio term; Deep starts from such a fit and trains on the sharp loss); the last stage's loss "
-                   "also selects the kept iterate")
+                   "ratio term; Deep starts from such a fit and trains on the sharp loss); each stage keeps its "
+                   "iterate with the lowest objective (the ratio loss, or the exact D_wc under wc)")
     p.add_argument("--wc-steps", type=int, help=f"--loss wc: steps on the wc loss after the ratio fit "
                    f"(default {WC_STEPS})")
     p.add_argument("--wc-lr", type=float, help=f"--loss wc: their initial learning rate (default {WC_LR})")
