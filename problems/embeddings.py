@@ -20,7 +20,7 @@ from torch import nn
 
 import bilevel
 from solvers.geodesic import log_map
-from solvers.metric import NeuralMetric
+from solvers.metric import NeuralMetric, poincare_distance, sphere_distance
 
 from .report import progress
 
@@ -339,11 +339,13 @@ def stereographic_pole(y, n_candidates=4000, seed=0):
 
 
 def to_conformal_chart(model):
-    """A fitted single-factor ConstantCurvature model -> (conformal base, chart coordinates x [n, d],
-    scale): Euclidean as is; Poincare ball as is; Lorentz mapped to the ball by the isometry
+    """A fitted single-factor ConstantCurvature model (or a ChartEmbedding) -> (conformal base, chart
+    coordinates x [n, d], scale): Euclidean as is; Poincare ball as is; Lorentz mapped to the ball by the isometry
     x = x_s / (1 + x_0); sphere S^d by stereographic projection from a pole far from every node
     (so that the chart's unit sphere metric is (2 / (1 + |x|^2))^2 I). Distances are unchanged:
     d = scale * (unit-curvature distance of the chart)."""
+    if isinstance(model, ChartEmbedding):
+        return model.conformal, model.x.detach().clone(), model.scale
     if len(model.factors) != 1:
         raise ValueError(f"Deep initialises from one constant-curvature factor, got {model.factors}")
     kind = model.factors[0][0]
@@ -361,6 +363,31 @@ def to_conformal_chart(model):
     q, _ = torch.linalg.qr(torch.cat([pole[:, None], torch.eye(len(pole), dtype=p.dtype)], 1))
     basis = q[:, 1:]
     return "sphere", (y @ basis) / (1 - y @ pole)[:, None], scale
+
+
+CHART_DISTANCE = {"euclidean": lambda x, y: ((x - y) ** 2).sum(-1).clamp_min(1e-30).sqrt(),
+                  "poincare": poincare_distance, "sphere": sphere_distance}
+
+
+class ChartEmbedding(nn.Module):
+    """A constant-curvature embedding in a conformal chart (the arguments are to_conformal_chart's
+    output: base name, chart coordinates x [n, d], scale): node parameters z [n, d]
+    (chart_points(z) = x), distances scale * the chart's closed-form unit-curvature distance. Deep's base
+    with exact distances, and unconstrained parameters (for polish_wc)."""
+
+    def __init__(self, conformal, x, scale):
+        super().__init__()
+        self.conformal, self.scale = conformal, float(scale)
+        self.z = nn.Parameter(chart_params(torch.as_tensor(x, dtype=torch.float64), conformal).clone())
+
+    @property
+    def x(self):
+        return chart_points(self.z, self.conformal)
+
+    def forward(self, pairs, ids=None):
+        """pairs [P, 2] long -> distances [P]."""
+        x = self.x
+        return self.scale * CHART_DISTANCE[self.conformal](x[pairs[:, 0]], x[pairs[:, 1]])
 
 
 class DeepEmbedding(nn.Module):
