@@ -128,6 +128,10 @@ def _evaluate(model, graph, eval_pairs, eval_dg, chunk, loss="ratio"):
 # (nodes up to 0.945 pi away, where the chart metric is ~1e3 times smaller than at the centre): 155 of 4560
 # log maps did not converge at the start (8 RK4 steps) and D_wc was 7.9 against the fit's 2.22.
 SPHERE_CHART_MAX_ANGLE = 0.6 * math.pi
+# ... and on the Poincare ball base, the farthest a node may lie from the centre (unit-curvature length; 1 - |x| is
+# then about 2 exp(-15) = 6e-7). tree6 dim 5's sharp wc fit (14.7) converges at the evaluation RK4 grid but not at
+# the training one; its polished fit at dim 2 (1 - |x| = 4e-11, ~24) left 7 of 21 log maps unconverged at the start.
+BALL_MAX_RADIUS = 15.0
 
 
 def _deep_start(base, base_res, eval_pairs, eval_dg):
@@ -135,8 +139,15 @@ def _deep_start(base, base_res, eval_pairs, eval_dg):
     start, shrink delta): a sphere fit with (nearly) antipodal nodes is first pulled off the cut locus
     (embeddings.pull_from_cut_locus), which costs some distortion; other fits start at their own D_wc.
     Raises ValueError for a sphere fit that cannot be pulled off or whose nodes spread beyond
-    SPHERE_CHART_MAX_ANGLE from the chart's centre."""
+    SPHERE_CHART_MAX_ANGLE from the chart's centre, and for a hyperbolic fit with a node farther than
+    BALL_MAX_RADIUS from the ball's centre."""
     conformal, x0, scale = to_conformal_chart(base)
+    if conformal == "poincare":
+        far = float(chart_params(x0, conformal).norm(dim=1).max())
+        if far > BALL_MAX_RADIUS:
+            raise ValueError(f"its nodes lie up to {far:.1f} unit-curvature lengths from the ball's centre (1 - |x| = "
+                             f"{float(1 - x0.norm(dim=1).max()):.1e}), beyond {BALL_MAX_RADIUS}, too close to the "
+                             "boundary for float64 shooting")
     if conformal != "sphere":
         return conformal, x0, scale, base_res["d_wc"], 0.0
     z, delta = pull_from_cut_locus(chart_params(x0, conformal))
@@ -207,13 +218,14 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
                 opts = {**fit_opts, "steps": 0} if init == "identity" else fit_opts
                 base, loss0 = _fit_constant(graph, m, dim, pairs, dg, **opts)
                 fitted[m] = (base, {**_evaluate(base, graph, eval_pairs, eval_dg, 200_000, last), "loss_start": loss0})
-        starts = {}
+        starts, refused = {}, []
         for m in cands:
             try:
                 starts[m] = _deep_start(*fitted[m], eval_pairs, eval_dg)
-            except ValueError as err:  # a sphere fit that cannot be used as Deep's base
-                if len(cands) == 1:
-                    raise ValueError(f"Deep from the sphere fit: {err}; use another --init") from err
+            except ValueError as err:  # a fit that cannot be used as Deep's base
+                refused.append(f"the {m} fit: {err}")
+        if not starts:
+            raise ValueError(f"Deep cannot start from {'; '.join(refused)}; use another --init")
         chosen = min(starts, key=lambda m: starts[m][3])
         base, base_res = fitted[chosen]
         conformal, x0, scale, start_d_wc, shrink = starts[chosen]
@@ -330,7 +342,7 @@ def reproduce(quick, outdir, graphs=None, dims=None, seeds=None, baselines=None,
     if quick:
         graphs, dims, seeds = graphs or ["tree6", "cycle10"], dims or [2], seeds or [0, 1]
         deep = deep if deep is not None else [("tree6", 2)]
-        opts = {"steps": 600, "wc_steps": 600, "deep_steps": 10, **opts}
+        opts = {"steps": 600, "wc_steps": 600, "polish_steps": 200, "deep_steps": 10, **opts}
     else:
         graphs, dims, seeds = graphs or list(PUBLISHED), dims or list(DIMS), seeds or [0, 1, 2]
         deep = deep if deep is not None else [(g, k) for g in graphs for k in dims]

@@ -28,7 +28,7 @@ from .report import progress
 
 ACCEPT = 0.1  # the least actual / predicted decrease of a kept step
 QP_SOLVERS = ("CLARABEL", "OSQP")  # the dual QP's solvers (cvxpy names), tried in this order
-STATIONARY = 1e-13  # a predicted decrease of log D_wc this small: stationary to rounding, stop
+STATIONARY = 1e-13  # stationary to rounding, stop: predicted decrease below it, stationarity below its root
 
 
 def _flat(params):
@@ -117,8 +117,8 @@ def polish_wc(model, pairs, d_graph, *, params=None, steps=300, rho=1e-3, eps=0.
     (module docstring), from proximal weight rho. eps, k_max: the active sets (pairs within eps of the
     extreme log r, at most k_max a side); scale: an optional positive [n] diagonal metric D on the
     flattened params. A step is kept only when D_wc falls and every distance converged, so the model
-    ends at its best iterate. Stops early: quietly at a stationary point (the model predicts a decrease
-    below STATIONARY), with a bilevel.ConvergenceWarning when rho falls below min_rho,
+    ends at its best iterate. Stops early: quietly at a stationary point (predicted decrease below
+    STATIONARY, stationarity below its square root), with a bilevel.ConvergenceWarning when rho falls below min_rho,
     and (with a RuntimeWarning) at a point where some log r has no finite gradient (e.g. antipodal
     points on a sphere). history: an optional list that gets a dict per trial step (step, d_wc, rho,
     stationarity, accepted, predicted and actual decrease of log D_wc, nonconverged). Returns D_wc."""
@@ -146,7 +146,7 @@ def polish_wc(model, pairs, d_graph, *, params=None, steps=300, rho=1e-3, eps=0.
         while not kept and rho >= min_rho:
             delta, value, stat = _prox_step(log_r[s], log_r[c], M, rho, scale)
             predicted = f - value
-            if predicted <= STATIONARY:
+            if predicted <= STATIONARY and stat <= math.sqrt(STATIONARY):
                 return _finish(model, pairs, log_dg, f)
             _assign(params, x0 + delta)
             new_log_r, bad = _log_ratios(model, pairs, log_dg)

@@ -11,7 +11,7 @@ import torch
 import bilevel
 from problems import cli, graphs
 from problems.distortion import distortion, mean_average_precision
-from problems.embeddings import (WC_SHARP_TAU, ConstantCurvature, DeepEmbedding, chart_params, chart_points, fit, parse_manifold,
+from problems.embeddings import (WC_SHARP_TAU, ChartEmbedding, ConstantCurvature, DeepEmbedding, chart_params, chart_points, fit, parse_manifold,
                                  pull_from_cut_locus, ratio_loss, sharp_wc_loss, smooth_log_wc, sphere_angles,
                                  to_conformal_chart, wc_loss)
 from problems.graph_embedding_cli import embed
@@ -480,6 +480,18 @@ def test_deep_refuses_a_sphere_fit_that_covers_the_sphere():
     """sphere100's dim-2 sphere fit covers S^2: no stereographic chart keeps its nodes near the centre."""
     with pytest.raises(ValueError, match="cover the sphere"):
         embed(load_graph("sphere100"), "deep", 2, steps=300, deep_steps=1, init="sphere")
+
+
+def test_deep_refuses_a_hyperbolic_fit_too_close_to_the_boundary():
+    """A node 20 unit-curvature lengths from the ball's centre (1 - |x| ~ 4e-9): every Deep candidate refused,
+    one error that names each."""
+    g = load_graph("tree6")
+    z = torch.zeros(g.n, 2, dtype=torch.float64)
+    z[0, 0] = 20.0
+    far = ChartEmbedding("poincare", chart_points(z, "poincare"), 0.5)
+    fitted = {m: (far, {"d_wc": 1.1}) for m in ("poincare", "lorentz")}
+    with pytest.raises(ValueError, match=r"the poincare fit: .*20\.0 unit-curvature lengths.*the lorentz fit"):
+        embed(g, "deep", 2, init="poincare", fitted=fitted, deep_steps=1)
 
 
 def test_deep_init_best_reports_its_start():
