@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 from .distortion import distortion, mean_average_precision
-from .embeddings import (WC_RATIO_WEIGHT, WC_SHARP_TAU, WC_TAU, ChartEmbedding, ConstantCurvature, DeepEmbedding,
-                         all_distances,
-                         chart_params, chart_points, fit, get_loss, parse_manifold, pull_from_cut_locus,
-                         sphere_angles, to_conformal_chart)
+from .embeddings import (WC_RATIO_WEIGHT, WC_SHARP_TAU, WC_TAU, ChartEmbedding, ConstantCurvature,
+                         DeepEmbedding, all_distances, chart_params, chart_points, fit, get_loss, parse_manifold,
+                         pull_from_cut_locus, sphere_angles, to_conformal_chart)
 from .graphs import BUILTINS, REAL, all_pairs, load_graph, sample_pairs, shortest_paths
 from .registry import register
 from .report import emit, results_dir, save_json
@@ -128,26 +127,29 @@ def _evaluate(model, graph, eval_pairs, eval_dg, chunk, loss="ratio"):
 # (nodes up to 0.945 pi away, where the chart metric is ~1e3 times smaller than at the centre): 155 of 4560
 # log maps did not converge at the start (8 RK4 steps) and D_wc was 7.9 against the fit's 2.22.
 SPHERE_CHART_MAX_ANGLE = 0.6 * math.pi
-# ... and on the Poincare ball base, the farthest a node may lie from the centre (unit-curvature length; 1 - |x| is
-# then about 2 exp(-15) = 6e-7). tree6 dim 5's sharp wc fit (14.7) converges at the evaluation RK4 grid but not at
-# the training one; its polished fit at dim 2 (1 - |x| = 4e-11, ~24) left 7 of 21 log maps unconverged at the start.
+# ... and on the Poincare ball base, the farthest from the centre (unit-curvature length; 1 - |x| is then about
+# 2 exp(-15) = 6e-7). tree6 dim 5's sharp wc fit (14.7) converges at the evaluation RK4 grid but not at the
+# training one. Polishing lets a tree's fit spread without bound (its D_wc falls towards 1 as the curvature grows):
+# at tree6 dim 2 to 1 - |x| = 4e-11 (~24), where 7 of Deep's 21 log maps did not converge at its start.
 BALL_MAX_RADIUS = 15.0
 
 
 def _deep_start(base, base_res, eval_pairs, eval_dg):
     """A constant-curvature fit -> (conformal base, chart coordinates [n, d], scale, D_wc at Deep's
     start, shrink delta): a sphere fit with (nearly) antipodal nodes is first pulled off the cut locus
-    (embeddings.pull_from_cut_locus), which costs some distortion; other fits start at their own D_wc.
-    Raises ValueError for a sphere fit that cannot be pulled off or whose nodes spread beyond
-    SPHERE_CHART_MAX_ANGLE from the chart's centre, and for a hyperbolic fit with a node farther than
-    BALL_MAX_RADIUS from the ball's centre."""
+    (embeddings.pull_from_cut_locus), and a hyperbolic fit with nodes farther than BALL_MAX_RADIUS from
+    the ball's centre pulled in (every node's distance from the centre times 1 - delta), both at some
+    cost in distortion; other fits start at their own D_wc. Raises ValueError for a sphere fit that
+    cannot be pulled off or whose nodes spread beyond SPHERE_CHART_MAX_ANGLE from the chart's centre."""
     conformal, x0, scale = to_conformal_chart(base)
     if conformal == "poincare":
-        far = float(chart_params(x0, conformal).norm(dim=1).max())
+        z = chart_params(x0, conformal)
+        far = float(z.norm(dim=1).max())
         if far > BALL_MAX_RADIUS:
-            raise ValueError(f"its nodes lie up to {far:.1f} unit-curvature lengths from the ball's centre (1 - |x| = "
-                             f"{float(1 - x0.norm(dim=1).max()):.1e}), beyond {BALL_MAX_RADIUS}, too close to the "
-                             "boundary for float64 shooting")
+            delta = 1 - BALL_MAX_RADIUS / far
+            pulled = ChartEmbedding(conformal, chart_points((1 - delta) * z, conformal), scale)
+            d = pulled(torch.as_tensor(eval_pairs)).detach().numpy()
+            return conformal, pulled.x.detach(), scale, distortion(d, eval_dg)["d_wc"], delta
     if conformal != "sphere":
         return conformal, x0, scale, base_res["d_wc"], 0.0
     z, delta = pull_from_cut_locus(chart_params(x0, conformal))
@@ -162,13 +164,13 @@ def _deep_start(base, base_res, eval_pairs, eval_dg):
     return conformal, chart_points(z, conformal), scale, distortion(d.numpy(), eval_dg)["d_wc"], delta
 
 
-def deep_ode_steps(conformal, scale, d_graph_max):
+def deep_ode_steps(conformal, scale, longest):
     """RK4 steps of the exp map for Deep training: 8 on the flat base; on a curved base about 1.6 per
-    unit-curvature length of the longest geodesic (diameter / scale), at least 8 (the exp map's
-    relative error is then about 1e-3 or less; evaluation uses twice as many)."""
+    unit-curvature length of the longest geodesic (its length `longest` / scale), at least 8 (the exp
+    map's relative error is then about 1e-3 or less; evaluation uses twice as many)."""
     if conformal == "euclidean":
         return 8
-    return max(8, math.ceil(1.6 * d_graph_max / scale))
+    return max(8, math.ceil(1.6 * longest / scale))
 
 
 def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep_steps=100,
@@ -229,7 +231,9 @@ def embed(graph, manifold, dim, *, seed=0, steps=None, lr=0.05, batch=None, deep
         chosen = min(starts, key=lambda m: starts[m][3])
         base, base_res = fitted[chosen]
         conformal, x0, scale, start_d_wc, shrink = starts[chosen]
-        log_steps = log_steps or deep_ode_steps(conformal, scale, float(np.max(dg)))
+        with torch.no_grad():  # the longest geodesic of the start: a polished fit's distances exceed d_G's scale
+            longest = float(ChartEmbedding(conformal, x0, scale)(torch.as_tensor(eval_pairs)).max())
+        log_steps = log_steps or deep_ode_steps(conformal, scale, longest)
         eval_log_steps = eval_log_steps or 2 * log_steps
         model = DeepEmbedding(graph.n, dim, init=x0, hidden=hidden, seed=seed, conformal=conformal, scale=scale,
                               steps=eval_log_steps)

@@ -14,7 +14,7 @@ from problems.distortion import distortion, mean_average_precision
 from problems.embeddings import (WC_SHARP_TAU, ChartEmbedding, ConstantCurvature, DeepEmbedding, chart_params, chart_points, fit, parse_manifold,
                                  pull_from_cut_locus, ratio_loss, sharp_wc_loss, smooth_log_wc, sphere_angles,
                                  to_conformal_chart, wc_loss)
-from problems.graph_embedding_cli import embed
+from problems.graph_embedding_cli import _deep_start, embed
 from problems.graphs import all_pairs, from_edges, load_edgelist, load_graph, sample_pairs, shortest_paths
 from solvers.metric import poincare_distance, sphere_distance
 
@@ -482,16 +482,23 @@ def test_deep_refuses_a_sphere_fit_that_covers_the_sphere():
         embed(load_graph("sphere100"), "deep", 2, steps=300, deep_steps=1, init="sphere")
 
 
-def test_deep_refuses_a_hyperbolic_fit_too_close_to_the_boundary():
-    """A node 20 unit-curvature lengths from the ball's centre (1 - |x| ~ 4e-9): every Deep candidate refused,
-    one error that names each."""
+def test_deep_pulls_a_hyperbolic_fit_in_from_the_boundary():
+    """A node 20 unit-curvature lengths from the ball's centre (1 - |x| ~ 4e-9): Deep's start has every node's
+    distance from the centre times 15 / 20, at that configuration's D_wc; a fit within 15 is kept as it is."""
     g = load_graph("tree6")
-    z = torch.zeros(g.n, 2, dtype=torch.float64)
-    z[0, 0] = 20.0
+    p, dg = all_pairs(g)
+    fitted = ConstantCurvature(g.n, [("poincare", 2)], shortest_paths(g), seed=0)
+    z = chart_params(to_conformal_chart(fitted)[1], "poincare")
+    z = z * (20.0 / z.norm(dim=1).max())
     far = ChartEmbedding("poincare", chart_points(z, "poincare"), 0.5)
-    fitted = {m: (far, {"d_wc": 1.1}) for m in ("poincare", "lorentz")}
-    with pytest.raises(ValueError, match=r"the poincare fit: .*20\.0 unit-curvature lengths.*the lorentz fit"):
-        embed(g, "deep", 2, init="poincare", fitted=fitted, deep_steps=1)
+    conformal, x, scale, d_wc, delta = _deep_start(far, {"d_wc": 1.5}, p, dg)
+    assert conformal == "poincare" and scale == 0.5 and delta == pytest.approx(0.25)
+    assert torch.allclose(chart_params(x, conformal), 0.75 * z, atol=1e-6)
+    pulled = ChartEmbedding("poincare", chart_points(0.75 * z, "poincare"), 0.5)
+    with torch.no_grad():
+        assert d_wc == pytest.approx(distortion(pulled(torch.as_tensor(p)).numpy(), dg)["d_wc"], rel=1e-7)
+    near = ChartEmbedding("poincare", chart_points(0.5 * z, "poincare"), 0.5)
+    assert _deep_start(near, {"d_wc": 1.5}, p, dg)[3:] == (1.5, 0.0)
 
 
 def test_deep_init_best_reports_its_start():
