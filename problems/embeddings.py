@@ -389,6 +389,15 @@ class ChartEmbedding(nn.Module):
         x = self.x
         return self.scale * CHART_DISTANCE[self.conformal](x[pairs[:, 0]], x[pairs[:, 1]])
 
+    @torch.no_grad()
+    def fit_scale(self, pairs, d_graph):
+        """Set scale to the one with the lowest D_avg = mean |c r - 1| over pairs [P, 2] (r = d / d_G): c is
+        the median of 1 / r weighted by r. D_wc is blind to scale, so an exact-D_wc polish lets it drift."""
+        r = (self(torch.as_tensor(pairs)) / torch.as_tensor(d_graph, dtype=torch.float64)).numpy()
+        order = np.argsort(1 / r)
+        cum = np.cumsum(r[order])
+        self.scale *= float((1 / r)[order][np.searchsorted(cum, cum[-1] / 2)])
+
 
 class DeepEmbedding(nn.Module):
     """Nodes x [n, d] in R^d under a learned metric A_theta (solvers.metric.NeuralMetric; with

@@ -93,7 +93,8 @@ def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, bi
                   wc_lr=None, polish_steps=POLISH_STEPS):
     """A constant-curvature fit on the ratio loss (steps at lr); loss "wc": then fine-tuned on the wc loss
     (wc_steps at wc_lr) and on the sharp wc loss (WC_SHARP_STEPS at WC_SHARP_LR), and a single factor then
-    polished on the exact D_wc (polish_steps bundle steps, as a ChartEmbedding). Returns (model, training
+    polished on the exact D_wc (polish_steps bundle steps, as a ChartEmbedding) and rescaled to its lowest
+    D_avg (ChartEmbedding.fit_scale: D_wc is blind to scale). Returns (model, training
     loss (LAST_STAGE[loss]) at the start of its sharp (or ratio) stage)."""
     factors = parse_manifold(manifold, dim)
     model = ConstantCurvature(graph.n, factors, None if big else shortest_paths(graph), seed=seed)
@@ -106,6 +107,7 @@ def _fit_constant(graph, manifold, dim, pairs, dg, *, seed, steps, lr, batch, bi
     if loss != "ratio" and steps and len(factors) == 1 and polish_steps:
         model = ChartEmbedding(*to_conformal_chart(model))
         polish_wc(model, pairs, dg, steps=polish_steps, desc=f"{graph.name} {manifold} polish")
+        model.fit_scale(pairs, dg)
     return model, losses[0]
 
 

@@ -2,6 +2,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +127,20 @@ def test_wc_fits_end_polished_in_their_chart():
     deep, _ = embed(g, "deep", 2, init="euclidean", deep_steps=1, hidden=4, log_steps=4,
                     fitted={"euclidean": (model, flat)}, **opts)
     assert deep["init_d_wc"] == flat["d_wc"] and deep["d_wc_start"] == pytest.approx(flat["d_wc"], rel=1e-9)
+
+
+def test_fit_scale_minimises_the_average_distortion_and_keeps_d_wc():
+    g = load_graph("tree6")
+    pairs, dg = all_pairs(g)
+    z = torch.randn(g.n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model = ChartEmbedding("poincare", torch.zeros(g.n, 2, dtype=torch.float64), 7.0)
+    with torch.no_grad():
+        model.z.copy_(z)
+        d = model(torch.as_tensor(pairs)).numpy()
+    before = distortion(d, dg)
+    model.fit_scale(pairs, dg)
+    with torch.no_grad():
+        after = distortion(model(torch.as_tensor(pairs)).numpy(), dg)
+    assert after["d_wc"] == pytest.approx(before["d_wc"], rel=1e-12)
+    grid = [distortion(c * d, dg)["d_avg"] for c in np.linspace(0.01, 3, 3000)]
+    assert after["d_avg"] <= min(grid) + 1e-12 and after["d_avg"] < before["d_avg"]
