@@ -63,6 +63,11 @@ def classical_mds(d_graph, dim):
     return np.pad(x, ((0, 0), (0, dim - x.shape[1])))
 
 
+def euclidean_distance(x, y):
+    """|x - y| for x, y [..., d] -> [...], with a finite gradient at x = y."""
+    return ((x - y) ** 2).sum(-1).clamp_min(1e-18).sqrt()
+
+
 class ConstantCurvature(nn.Module):
     """Nodes on a product of constant-curvature factors, initialised from classical MDS of d_graph
     [n, n] (None: near the origin): flat and hyperbolic factors at exp_origin(u / s0), s0 = max|u| / 2;
@@ -107,7 +112,7 @@ class ConstantCurvature(nn.Module):
         kind, man, x = self.factors[k][0], self.manifolds[k], self.points[k]
         a, b = x[pairs[:, 0]], x[pairs[:, 1]]
         if kind == "euclidean":
-            return ((a - b) ** 2).sum(-1).clamp_min(1e-18).sqrt()
+            return euclidean_distance(a, b)
         if kind == "sphere":
             d = torch.acos((a * b).sum(-1).clamp(-1 + 1e-7, 1 - 1e-7))
         else:
@@ -365,7 +370,7 @@ def to_conformal_chart(model):
     return "sphere", (y @ basis) / (1 - y @ pole)[:, None], scale
 
 
-CHART_DISTANCE = {"euclidean": lambda x, y: ((x - y) ** 2).sum(-1).clamp_min(1e-30).sqrt(),
+CHART_DISTANCE = {"euclidean": euclidean_distance,
                   "poincare": poincare_distance, "sphere": sphere_distance}
 
 
