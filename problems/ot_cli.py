@@ -18,8 +18,9 @@ SETTINGS = {
                   "full": dict(rounds=1, phi_epochs=300, r_epochs=1500, n_mix=2)},
     "lagrangian": {"quick": dict(steps=120, batch=8, n_nodes=5, inner_iter=15, lr_metric=2e-2, warmup=15,
                              box_margin=0.25),
-                   "full": dict(steps=200, batch=16, n_nodes=6, inner_iter=20, lr_metric=2e-2, warmup=20,
-                            box_margin=0.25, metric_activation="leaky_relu", metric_hidden=128)},
+                   "full": dict(steps=200, batch=32, n_nodes=6, inner_iter=20, lr_metric=1e-2, warmup=20,
+                            box_margin=0.25, metric_activation="leaky_relu", metric_hidden=128,
+                            metric_init="zero_bias", centre=False)},
 }
 PUBLISHED = {"scarvelis": {"circle": 0.995, "mass_splitting": 0.839, "x_paths": 0.916},
              "lagrangian": {"circle": 0.997, "mass_splitting": 0.986, "x_paths": 0.957}}

@@ -109,12 +109,13 @@ class BatchedMLP(nn.Module):
 
 
 class Normaliser(nn.Module):
-    """x -> (x - center) / scale with one isotropic scale (keeps directions)."""
+    """x -> (x - center) / scale with one isotropic scale (keeps directions); center = the data mean, or the
+    origin of the data's own coordinates when centre=False."""
 
-    def __init__(self, snaps):
+    def __init__(self, snaps, centre=True):
         super().__init__()
         pts = snaps.reshape(-1, snaps.shape[-1])
-        self.register_buffer("center", pts.mean(0))
+        self.register_buffer("center", pts.mean(0) if centre else torch.zeros_like(pts[0]))
         self.register_buffer("scale", pts.std(0).mean())
 
     def forward(self, x):
@@ -137,19 +138,31 @@ class Cometric(nn.Module):
 
 
 class DirectionMetric(nn.Module):
-    """Pooladian et al.'s A(x) = I - 0.9 u u^T, u = normalise(MLP(x)): only the orientation is learned."""
+    """Pooladian et al.'s A(x) = I - 0.9 u u^T, u = normalise(MLP(x)): only the orientation is learned.
+
+    init: 'torch' (PyTorch's uniform weights and biases) or 'zero_bias' (LeCun-normal weights, zero biases:
+    the published network's initialisation; with leaky ReLU the initial field is then constant along rays
+    from the normaliser's center). centre: center the inputs at the data mean (True) or at the origin of
+    the data's coordinates (False, as the published network, which reads raw coordinates)."""
 
     ACTIVATIONS = {"tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
+    INITS = ("torch", "zero_bias")
 
-    def __init__(self, snaps, hidden=64, strength=0.9, activation="tanh"):
+    def __init__(self, snaps, hidden=64, strength=0.9, activation="tanh", init="torch", centre=True):
         super().__init__()
         if activation not in self.ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(self.ACTIVATIONS)}, got {activation!r}")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {self.INITS}, got {init!r}")
         d = snaps.shape[-1]
-        self.d, self.strength, self.norm = d, strength, Normaliser(snaps)
+        self.d, self.strength, self.norm = d, strength, Normaliser(snaps, centre)
         act = self.ACTIVATIONS[activation]
         self.net = nn.Sequential(nn.Linear(d, hidden), act(), nn.Linear(hidden, hidden), act(),
                                  nn.Linear(hidden, d))
+        if init == "zero_bias":
+            for layer in self.net[::2]:
+                nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+                nn.init.zeros_(layer.bias)
 
     def direction(self, x):
         return F.normalize(self.net(self.norm(x)), dim=-1, eps=1e-12)
@@ -383,7 +396,7 @@ def gradient_gap(model, src, dst, *, max_iter=100, tol=1e-8):
 def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1e-2, lr_g=3e-2, lr_map=1e-2,
                    inner_iter=30, inner_tol=1e-5, backward="envelope", warmup=0,
                    candidates=("previous", "amortised"), box_margin=None, metric_hidden=64,
-                   metric_activation="tanh", callback=None, log_every=50):
+                   metric_activation="tanh", metric_init="torch", centre=True, callback=None, log_every=50):
     """Learn A(x) = I - 0.9 u u^T from snapshots [K, T, N, d] by the Lagrangian-cost semi-dual.
 
     Each step draws `batch` source samples per consecutive pair, solves their c-transforms jointly
@@ -394,12 +407,15 @@ def fit_lagrangian(snaps, *, seed=0, steps=300, batch=32, n_nodes=6, lr_metric=1
     of T onto y* and of the path network onto the refined paths. box_margin: keep the end points in the
     snapshots' bounding box widened by box_margin * scale (a quadratic wall), or None for no box.
     metric_hidden, metric_activation: width and nonlinearity ('tanh' or 'leaky_relu', the published
-    metric's) of the metric's MLP. callback(step, metric) -> dict of extra figures to log."""
+    metric's) of the metric's MLP; metric_init, centre: its initialisation and input origin (DirectionMetric;
+    the origin is shared by the potentials and amortised networks). callback(step, metric) -> dict of extra
+    figures to log."""
     torch.manual_seed(seed)
     t0 = time.time()
     src, dst = consecutive_pairs(snaps)
     P, N, d = src.shape
-    metric = DirectionMetric(snaps, hidden=metric_hidden, activation=metric_activation).double()
+    metric = DirectionMetric(snaps, hidden=metric_hidden, activation=metric_activation, init=metric_init,
+                             centre=centre).double()
     model = LagrangianModel(metric, BatchedMLP(P, d, 1, zero_last=True).double(),
                             BatchedMLP(P, d, d, zero_last=True).double(), PathNet(metric.norm, d, n_nodes).double(),
                             n_nodes)

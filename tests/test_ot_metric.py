@@ -170,6 +170,29 @@ def test_direction_metric_eigenvalues_and_gradcheck_float64(activation):
         DirectionMetric(snaps, activation="relu6")
 
 
+def test_zero_bias_init_gives_a_field_constant_along_rays_from_the_origin():
+    """The published initialisation (zero biases, leaky ReLU, raw origin) makes u(a x) = u(x) for a > 0;
+    PyTorch's uniform biases or a centred input do not."""
+    torch.manual_seed(0)
+    snaps = make_dataset("mass_splitting", 0, n_samples=10)[:, :4]
+    x = torch.randn(50, 2, dtype=torch.float64)
+    a = torch.rand(50, 1, dtype=torch.float64) * 5 + 0.1
+
+    def ray_gap(**kw):
+        metric = DirectionMetric(snaps, hidden=16, activation="leaky_relu", **kw).double()
+        with torch.no_grad():
+            return float((metric.direction(a * x) - metric.direction(x)).abs().max())
+
+    assert ray_gap(init="zero_bias", centre=False) < 1e-12
+    assert ray_gap(init="torch", centre=False) > 1e-3
+    assert ray_gap(init="zero_bias", centre=True) > 1e-3      # mass splitting's mean is far from the origin
+    metric = DirectionMetric(snaps, hidden=16, init="zero_bias", centre=False)
+    assert all(not layer.bias.detach().any() for layer in metric.net[::2])
+    assert float(metric.norm.center.abs().max()) == 0
+    with pytest.raises(ValueError, match="init"):
+        DirectionMetric(snaps, init="xavier")
+
+
 def test_discrete_c_transform_is_the_argmin_over_targets():
     model, src, dst = _small_model()
     x = src[:, :4]
