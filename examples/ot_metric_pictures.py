@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from problems.ot_cli import METHODS, SETTINGS
+from problems.ot_cli import METHODS, setting
 from problems.ot_data import DATASETS, make_dataset
 from problems.ot_metric import GRIDS, alignment, cheap_direction, true_metric
 from problems.report import results_dir
@@ -22,7 +22,7 @@ def picture(name, method, quick, path, seed=0):
     import matplotlib.pyplot as plt
 
     snaps = make_dataset(name, seed)
-    res = METHODS[method](snaps, seed=seed, **SETTINGS[method]["quick" if quick else "full"])
+    res = METHODS[method](snaps, seed=seed, **setting(method, name, quick))
     metric = res.metric
     (x0, x1), (y0, y1) = GRIDS[name]
     g = torch.stack(torch.meshgrid(torch.linspace(x0, x1, 20, dtype=torch.float64),

@@ -22,8 +22,18 @@ SETTINGS = {
                             box_margin=0.25, metric_activation="leaky_relu", metric_hidden=128,
                             metric_init="zero_bias", centre=False)},
 }
+# per-dataset changes to a setting, (method, "quick"|"full", dataset) -> overrides (measured in docs/ot_metric.md):
+# mass splitting has 9 pairs (x paths 18, circle 24), so 64 samples a pair cost fewer inner problems a step
+# than x paths' 32 and lift it from 0.962 +- 0.016 to 0.978 +- 0.003; x paths gained nothing from 100.
+DATASET_SETTINGS = {("lagrangian", "full", "mass_splitting"): dict(batch=64)}
 PUBLISHED = {"scarvelis": {"circle": 0.995, "mass_splitting": 0.839, "x_paths": 0.916},
              "lagrangian": {"circle": 0.997, "mass_splitting": 0.986, "x_paths": 0.957}}
+
+
+def setting(method, name, quick=False):
+    """The keyword arguments of METHODS[method] on dataset `name` (a benchmark, or a file's stem)."""
+    level = "quick" if quick else "full"
+    return {**SETTINGS[method][level], **DATASET_SETTINGS.get((method, level, name), {})}
 
 
 def holdout_w1(model, snaps, k):
@@ -60,7 +70,7 @@ def run_one(dataset, method, seed=0, quick=False, holdout=None, outdir=None, bac
         if not 0 < holdout < snaps.shape[1] - 1:
             raise SystemExit(f"--holdout must be a middle time in 1..{snaps.shape[1] - 2}, got {holdout}")
         train = torch.cat([snaps[:, :holdout], snaps[:, holdout + 1:]], 1)
-    opts = dict(SETTINGS[method]["quick" if quick else "full"])
+    opts = setting(method, name, quick)
     if method == "lagrangian":
         opts["backward"] = backward
     t0 = time.time()

@@ -37,3 +37,12 @@ def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="holdout"):
         main(["ot-metric", "--dataset", "circle", "--method", "scarvelis", "--holdout", "3", "--quick"])
     assert "ot-metric" in registry.EXPERIMENTS
+
+
+def test_dataset_settings_override_only_their_dataset():
+    from problems.ot_cli import SETTINGS, setting
+    full = SETTINGS["lagrangian"]["full"]
+    assert setting("lagrangian", "mass_splitting")["batch"] == 64 != full["batch"]
+    assert setting("lagrangian", "x_paths") == full == setting("lagrangian", "my_cells")
+    assert setting("lagrangian", "mass_splitting", quick=True) == SETTINGS["lagrangian"]["quick"]
+    assert setting("scarvelis", "mass_splitting") == SETTINGS["scarvelis"]["full"]
